@@ -1,0 +1,318 @@
+#include "checkpoint/async_writer.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "checkpoint/shard_writer.h"
+#include "common/crc32c.h"
+#include "common/errors.h"
+#include "common/file_io.h"
+#include "common/json_writer.h"
+#include "common/parallel.h"
+
+namespace pe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Below this, fanning a copy out to threads costs more than it saves.
+constexpr uint64_t kParallelCopyMinBytes = uint64_t{8} << 20;
+
+std::string step_dir_name(uint64_t step) {
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), "step-%08llu", static_cast<unsigned long long>(step));
+  return buf;
+}
+
+// "step-" followed only by digits: a committed checkpoint. Anything else is ignored.
+bool parse_committed_step(const std::string& name, uint64_t* step) {
+  if (name.size() <= 5 || name.compare(0, 5, "step-") != 0) return false;
+  for (size_t i = 5; i < name.size(); ++i)
+    if (name[i] < '0' || name[i] > '9') return false;
+  *step = std::stoull(name.substr(5));
+  return true;
+}
+
+std::string unique_suffix() {
+  static std::mt19937_64 rng{std::random_device{}()};
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%d-%016llx", static_cast<int>(getpid()), static_cast<unsigned long long>(rng()));
+  return buf;
+}
+
+std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const std::vector<ShardResult>& shards,
+                           const std::string& state_json) {
+  std::string m = "{\"format\":\"pyengine.checkpoint\",\"version\":1,\"step\":" + std::to_string(step) +
+                  ",\"created_unix\":" +
+                  std::to_string(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()) +
+                  ",\"shards\":[";
+  for (size_t s = 0; s < layout.shards.size(); ++s) {
+    const ShardPlan& plan = layout.shards[s];
+    m += (s ? ",{\"file\":" : "{\"file\":");
+    append_json_string(m, plan.file_name);
+    m += ",\"bytes\":" + std::to_string(plan.file_bytes()) + ",\"header_bytes\":" + std::to_string(plan.header.size()) +
+         ",\"crc32c\":" + std::to_string(shards[s].file_crc) + "}";
+  }
+  m += "],\"tensors\":{";
+  for (size_t i = 0; i < layout.tensors.size(); ++i) {
+    const PlacedTensor& t = layout.tensors[i];
+    const ShardPlan& plan = layout.shards[t.shard];
+    if (i) m += ",";
+    append_json_string(m, t.spec.name);
+    m += ":{\"shard\":" + std::to_string(t.shard) + ",\"dtype\":\"" + t.spec.dtype + "\",\"shape\":[";
+    for (size_t d = 0; d < t.spec.shape.size(); ++d) m += (d ? "," : "") + std::to_string(t.spec.shape[d]);
+    m += "],\"offset\":" + std::to_string(plan.header.size() + t.data_begin) +
+         ",\"nbytes\":" + std::to_string(t.spec.nbytes) + ",\"crc32c\":" + std::to_string(shards[t.shard].tensor_crcs.at(i)) +
+         "}";
+  }
+  m += "},\"state\":" + (state_json.empty() ? std::string("null") : state_json) + "}";
+  // The manifest checks itself: a flipped byte in the JSON state is caught too.
+  char prefix[64];
+  std::snprintf(prefix, sizeof(prefix), "{\"manifest_crc32c\":\"%08x\",\"manifest\":", crc32c(m.data(), m.size()));
+  return prefix + m + "}\n";
+}
+
+}  // namespace
+
+struct AsyncCheckpointWriter::Save {
+  uint64_t id = 0;
+  uint64_t step = 0;
+  CheckpointLayout layout;
+  std::vector<TensorSource> sources;
+  size_t sync_count = 0;
+  std::string state_json;
+  std::unique_ptr<StagingLease> staging;
+  Clock::time_point started;
+  std::thread thread;
+  SaveStats stats;
+  std::exception_ptr error;
+  bool error_reported = false;
+};
+
+void copy_into_staging(const CheckpointLayout& layout, const std::vector<TensorSource>& sources, size_t first,
+                       size_t last, uint8_t* staging, size_t threads) {
+  uint64_t total = 0;
+  for (size_t i = first; i < last; ++i) total += sources[i].spec.nbytes;
+  if (total < kParallelCopyMinBytes) threads = 1;
+  threads = std::max<size_t>(1, threads);
+  // Thread t copies bytes [t*total/threads, (t+1)*total/threads) of the concatenated sources,
+  // so the work is even whatever the tensor sizes are.
+  parallel_for(threads, "pe-ckpt-copy", [&](size_t t) {
+    uint64_t lo = total * t / threads, hi = total * (t + 1) / threads, pos = 0;
+    for (size_t i = first; i < last && pos < hi; ++i) {
+      uint64_t n = sources[i].spec.nbytes;
+      uint64_t b = std::max(lo, pos), e = std::min(hi, pos + n);
+      if (b < e) std::memcpy(staging + layout.tensors[i].staging_offset + (b - pos), sources[i].data + (b - pos), e - b);
+      pos += n;
+    }
+  });
+}
+
+AsyncCheckpointWriter::AsyncCheckpointWriter(WriterOptions options)
+    : options_(std::move(options)), pool_(options_.staging_cap_bytes) {
+  if (options_.directory.empty()) throw InvalidArgument("checkpoint directory is empty");
+  if (options_.max_in_flight == 0) throw InvalidArgument("max_in_flight must be at least 1");
+  if (options_.max_shards == 0) throw InvalidArgument("max_shards must be at least 1");
+}
+
+AsyncCheckpointWriter::~AsyncCheckpointWriter() {
+  std::vector<std::shared_ptr<Save>> all;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [id, s] : saves_) all.push_back(s);
+  }
+  for (auto& s : all)
+    if (s->thread.joinable()) s->thread.join();
+}
+
+uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> sources, std::string state_json,
+                                     size_t sync_count) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(sources.size());
+  for (const auto& s : sources) specs.push_back(s.spec);
+  CheckpointLayout layout = plan_layout(std::move(specs), options_.max_shards);  // validates before any waiting
+
+  auto save = std::make_shared<Save>();
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    rethrow_unreported_locked();
+    changed_.wait(lock, [&] { return in_flight_ < options_.max_in_flight; });
+    rethrow_unreported_locked();  // the save we waited for may have failed
+    forget_finished_locked();
+    save->id = next_id_++;
+    ++in_flight_;
+  }
+  try {
+    save->step = step;
+    save->started = Clock::now();
+    save->stats.step = step;
+    save->stats.bytes = layout.total_data_bytes;
+    save->stats.path = join_path(options_.directory, step_dir_name(step));
+    save->sync_count = std::min(sync_count, sources.size());
+    save->staging = std::make_unique<StagingLease>(pool_, layout.total_data_bytes);
+    copy_into_staging(layout, sources, 0, save->sync_count, save->staging->data(), options_.copy_threads);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    --in_flight_;
+    changed_.notify_all();
+    throw;
+  }
+  save->layout = std::move(layout);
+  save->sources = std::move(sources);
+  save->state_json = std::move(state_json);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    saves_[save->id] = save;
+    save->thread = std::thread([this, save] { run_pipeline(save); });
+  }
+  return save->id;
+}
+
+void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
+  name_this_thread("pe-ckpt-" + std::to_string(save->step));
+  try {
+    copy_into_staging(save->layout, save->sources, save->sync_count, save->sources.size(), save->staging->data(),
+                      options_.copy_threads);
+  } catch (...) {
+    save->error = std::current_exception();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    save->sources.clear();  // the caller may reuse its buffers from here on
+    save->stats.snapshot_done = true;
+    save->stats.snapshot_seconds = seconds_since(save->started);
+  }
+  changed_.notify_all();
+  if (!save->error) {
+    try {
+      persist(*save);
+    } catch (...) {
+      save->error = std::current_exception();
+    }
+  }
+  save->staging.reset();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    save->stats.done = true;
+    save->stats.failed = static_cast<bool>(save->error);
+    save->stats.persist_seconds = seconds_since(save->started);
+    --in_flight_;
+  }
+  changed_.notify_all();
+}
+
+void AsyncCheckpointWriter::persist(Save& save) {
+  const std::string final_dir = save.stats.path;
+  const std::string tmp_dir = final_dir + ".tmp-" + unique_suffix();
+  make_directory(tmp_dir);
+  try {
+    const CheckpointLayout& layout = save.layout;
+    std::vector<ShardResult> results(layout.shards.size());
+    size_t writers = std::min(layout.shards.size(), std::max<size_t>(1, options_.max_shards));
+    parallel_for(writers, "pe-ckpt-write", [&](size_t w) {
+      for (size_t s = w; s < layout.shards.size(); s += writers)
+        results[s] = write_shard(join_path(tmp_dir, layout.shards[s].file_name), layout, s, save.staging->data());
+    });
+    std::string manifest = build_manifest(save.step, layout, results, save.state_json);
+    File mf(join_path(tmp_dir, "manifest.json"), File::Mode::kCreateNew);
+    mf.write_all(manifest.data(), manifest.size());
+    mf.sync();
+    mf.close();
+    sync_directory(tmp_dir);
+    // rename(2) refuses to replace a non-empty directory, so an existing step is never overwritten.
+    rename_path(tmp_dir, final_dir);
+  } catch (...) {
+    remove_tree_quietly(tmp_dir);
+    throw;
+  }
+  sync_directory(options_.directory);
+  if (options_.keep_last > 0) prune();
+}
+
+void AsyncCheckpointWriter::prune() {
+  std::vector<uint64_t> steps;
+  for (const auto& name : list_directory(options_.directory)) {
+    uint64_t step;
+    if (parse_committed_step(name, &step)) steps.push_back(step);
+  }
+  if (steps.size() <= options_.keep_last) return;
+  std::sort(steps.begin(), steps.end(), std::greater<uint64_t>());
+  for (size_t i = options_.keep_last; i < steps.size(); ++i) {
+    // Rename first (atomic) so a crash mid-delete leaves a temp dir, never a torn checkpoint.
+    std::string dir = join_path(options_.directory, step_dir_name(steps[i]));
+    std::string doomed = dir + ".tmp-prune-" + unique_suffix();
+    rename_path(dir, doomed);
+    remove_tree_quietly(doomed);
+  }
+  sync_directory(options_.directory);
+}
+
+std::shared_ptr<AsyncCheckpointWriter::Save> AsyncCheckpointWriter::find(uint64_t id) {
+  auto it = saves_.find(id);
+  return it == saves_.end() ? nullptr : it->second;
+}
+
+void AsyncCheckpointWriter::wait_snapshot(uint64_t id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto save = find(id);
+  if (!save) return;  // long finished and forgotten
+  changed_.wait(lock, [&] { return save->stats.snapshot_done; });
+}
+
+void AsyncCheckpointWriter::wait(uint64_t id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto save = find(id);
+  if (!save) return;
+  changed_.wait(lock, [&] { return save->stats.done; });
+  if (save->error && !save->error_reported) {
+    save->error_reported = true;
+    std::rethrow_exception(save->error);
+  }
+}
+
+void AsyncCheckpointWriter::wait_all() {
+  std::unique_lock<std::mutex> lock(mu_);
+  changed_.wait(lock, [&] { return in_flight_ == 0; });
+  rethrow_unreported_locked();
+}
+
+SaveStats AsyncCheckpointWriter::stats(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto save = find(id);
+  if (!save) throw InvalidArgument("unknown save id " + std::to_string(id));
+  return save->stats;
+}
+
+void AsyncCheckpointWriter::rethrow_unreported_locked() {
+  for (auto& [id, s] : saves_) {
+    if (s->stats.done && s->error && !s->error_reported) {
+      s->error_reported = true;
+      std::rethrow_exception(s->error);
+    }
+  }
+}
+
+void AsyncCheckpointWriter::forget_finished_locked() {
+  // Keep recent saves for stats(); join and drop older finished ones whose errors were seen.
+  constexpr size_t kKeep = 64;
+  for (auto it = saves_.begin(); it != saves_.end() && saves_.size() > kKeep;) {
+    auto& s = it->second;
+    if (s->stats.done && (!s->error || s->error_reported)) {
+      if (s->thread.joinable()) s->thread.join();
+      it = saves_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+}  // namespace pe

@@ -1,0 +1,50 @@
+// Runs a few jobs on short-lived named threads and rethrows the first job's error after
+// all have finished. The checkpoint pipeline uses it for copy and writer fan-out: a save
+// is hundreds of milliseconds, so thread start-up (~20 us) does not matter, and threads
+// that exist only while there is work cannot outlive the interpreter.
+#pragma once
+
+#include <pthread.h>
+
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace pe {
+
+inline void name_this_thread(const std::string& name) {
+  // Linux limits thread names to 15 characters.
+  pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+}
+
+// Calls job(i) for i in [0, n): job 0 on the calling thread, the rest on new threads.
+inline void parallel_for(size_t n, const std::string& thread_name, const std::function<void(size_t)>& job) {
+  if (n == 0) return;
+  std::exception_ptr first_error;
+  std::mutex mu;
+  auto guarded = [&](size_t i) {
+    try {
+      job(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!first_error) first_error = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(n - 1);
+  for (size_t i = 1; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      name_this_thread(thread_name + "-" + std::to_string(i));
+      guarded(i);
+    });
+  }
+  guarded(0);
+  for (auto& t : threads) t.join();
+  if (first_error) std::rethrow_exception(first_error);
+}
+
+}  // namespace pe

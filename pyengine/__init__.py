@@ -1,0 +1,20 @@
+"""pyengine: a PyTorch training engine with a C++ core.
+
+The loader and the checkpointer work inside any PyTorch loop; the rest builds on them.
+"""
+
+from __future__ import annotations
+
+from pyengine import checkpoint
+from pyengine.checkpoint import Checkpointer
+from pyengine.errors import CheckpointError, DataError, PyengineError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "DataError",
+    "PyengineError",
+    "checkpoint",
+]

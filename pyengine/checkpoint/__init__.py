@@ -1,0 +1,1 @@
+from pyengine.checkpoint.checkpointer import Checkpointer
