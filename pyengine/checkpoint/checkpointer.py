@@ -1,1 +1,325 @@
-class Checkpointer: ...
+"""pe.Checkpointer: asynchronous, sharded, atomic, verified checkpoints of full training state."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import numbers
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyengine import _core
+from pyengine.checkpoint import directory as ckdir
+from pyengine.checkpoint.cuda_staging import PinnedMirror
+from pyengine.checkpoint.dtypes import code_of_torch
+from pyengine.checkpoint.manifest import Manifest, read_manifest, read_tensors
+from pyengine.checkpoint.overlap import OverlapGuard
+from pyengine.checkpoint.rng import capture_rng_state, restore_rng_state
+from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names
+from pyengine.checkpoint.stateful import encode_object, load_object
+from pyengine.errors import CheckpointError
+
+_RNG_KEY = "__rng__"
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint failed verification and an older one was used."""
+
+
+class SaveHandle:
+    """One save in flight. `wait()` returns once it is durable (or raises its error)."""
+
+    def __init__(self, writer: Any, save_id: int, step: int, stall_seconds: float, sources: list | None) -> None:
+        self._writer = writer
+        self._id = save_id
+        self.step = step
+        self.stall_seconds = stall_seconds
+        self._sources = sources  # keeps source buffers alive while an overlapped copy reads them
+
+    def wait_snapshot(self) -> None:
+        """Blocks until every byte is staged; the saved objects may change after this."""
+        self._writer.wait_snapshot(self._id)
+        self._sources = None
+
+    def wait(self) -> None:
+        """Blocks until the checkpoint is committed and durable; raises if the save failed."""
+        try:
+            self._writer.wait(self._id)
+        finally:
+            self._sources = None
+
+    def done(self) -> bool:
+        return bool(self._writer.stats(self._id)["done"])
+
+    @property
+    def path(self) -> Path:
+        return Path(self._writer.stats(self._id)["path"])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """bytes, stall_seconds (the caller blocked), snapshot_seconds, persist_seconds (to commit)."""
+        return {**self._writer.stats(self._id), "stall_seconds": self.stall_seconds}
+
+
+class Checkpointer:
+    """Saves and restores full training state in `directory`.
+
+    Concurrency: one thread (the training loop) calls every method. Saves run in C++
+    threads; at most `max_in_flight` are unfinished, and a further save() waits. A
+    background error is raised by the next save() or wait(). One Checkpointer (one
+    process) writes a directory at a time; others may read it.
+
+    Args:
+        directory: where step-N/ checkpoint directories live; created if missing.
+        keep_last: committed checkpoints to keep (older ones are pruned after each new
+            commit); 0 keeps all.
+        max_shards: shard files per checkpoint, written in parallel.
+        copy_threads: threads that copy tensors into staging memory.
+        max_in_flight: saves that may be unfinished at once.
+        staging_cap_bytes: cap on staging memory (0: none). A save larger than the cap fails.
+        capture_rng: store the torch, CUDA, numpy and Python RNG states with every save and
+            restore them with restore().
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, *, max_shards: int = 4, copy_threads: int = 2,
+                 read_threads: int = 4, max_in_flight: int = 1, staging_cap_bytes: int = 0,
+                 capture_rng: bool = True) -> None:
+        for name, value, low in (("keep_last", keep_last, 0), ("max_shards", max_shards, 1),
+                                 ("copy_threads", copy_threads, 1), ("read_threads", read_threads, 1),
+                                 ("max_in_flight", max_in_flight, 1), ("staging_cap_bytes", staging_cap_bytes, 0)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"checkpoint directory {self.directory} exists and is not a directory")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last = int(keep_last)
+        self.capture_rng = capture_rng
+        self._writer_options = dict(max_shards=max_shards, copy_threads=copy_threads, max_in_flight=max_in_flight,
+                                    staging_cap_bytes=staging_cap_bytes, keep_last=keep_last)
+        self._read_threads = read_threads
+        self._lock = ckdir.WriterLock(self.directory)
+        if self._lock.try_acquire():
+            ckdir.remove_temp_dirs(self.directory)
+        self._writer: Any = None
+        self._guard = OverlapGuard()
+        self._mirror: PinnedMirror | None = None
+        self._pending: list[SaveHandle] = []
+        self._newest_step: int | None = max(self.steps(), default=None)
+        self._closed = False
+        _open_checkpointers.add(self)
+
+    # ----------------------------------------------------------------------------- saving
+
+    def save(self, step: int, state: Mapping[str, Any], *, overlap: bool = False,
+             rng: bool | None = None) -> SaveHandle:
+        """Snapshots `state` and writes it in the background; returns once the snapshot is taken.
+
+        With overlap=True, parameters and optimizer state are copied during the next
+        forward/backward instead; the next optimizer step waits for that copy. Module
+        buffers (e.g. BatchNorm statistics) and everything else are copied before return.
+
+        Raises:
+            ValueError / TypeError: bad step or state (nothing is written).
+            CheckpointError / OSError: an earlier save failed in the background.
+        """
+        started = time.perf_counter()
+        self._check_open()
+        step = self._check_step(step)
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+            raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
+        writer = self._ensure_writer()
+        self._guard.drain()  # no earlier snapshot may still read the buffers refilled below
+        encoder = StateEncoder()
+        objects = {key: encode_object(encoder, key, obj) for key, obj in state.items()}
+        capture = self.capture_rng if rng is None else rng
+        rng_tree = encoder.encode(capture_rng_state(), (_RNG_KEY,)) if capture else None
+        state_json = json.dumps({"objects": objects, "rng": rng_tree}, allow_nan=False, separators=(",", ":"))
+        sources, sync_count = self._sources(encoder.tensors, overlap)
+        save_id = writer.save(step, sources, state_json, sync_count)
+        keep_alive = sources if sync_count < len(sources) else None
+        handle = SaveHandle(writer, save_id, step, time.perf_counter() - started, keep_alive)
+        if keep_alive is not None:
+            self._guard.add(handle.wait_snapshot)
+        self._pending = [h for h in self._pending if not h.done()] + [handle]
+        self._newest_step = step
+        return handle
+
+    def wait(self) -> None:
+        """Blocks until every save is durable; raises the first background error not yet raised."""
+        self._guard.drain()
+        if self._writer is not None:
+            self._writer.wait_all()
+        self._pending.clear()
+
+    def _sources(self, tensors: list[NamedTensor], overlap: bool) -> tuple[list[tuple], int]:
+        on_device = [(t.name, t.tensor) for t in tensors if t.tensor.device.type == "cuda"]
+        if on_device and self._mirror is None:
+            self._mirror = PinnedMirror()
+        host = self._mirror.to_host(on_device) if on_device else {}
+        now, later = [], []
+        for item in tensors:
+            t = host.get(item.name, item.tensor)
+            if t.device.type != "cpu" or t.layout != torch.strided:
+                raise ValueError(f"cannot checkpoint tensor {item.name!r} on {t.device} with layout {t.layout}")
+            stable = item.stable or item.name in host  # a pinned mirror is a private copy
+            if not t.is_contiguous() or t.is_conj() or t.is_neg():
+                t, stable = t.resolve_conj().resolve_neg().contiguous(), True
+            source = (item.name, code_of_torch(t.dtype, item.name), list(t.shape),
+                      t.reshape(-1).view(torch.uint8).numpy())
+            (later if overlap and stable else now).append(source)
+        return now + later, len(now)
+
+    def _ensure_writer(self) -> Any:
+        if self._writer is None:
+            if not self._lock.try_acquire():
+                raise CheckpointError(f"{self.directory} is being written by another Checkpointer (another "
+                                      "process holds its lock); use a different directory")
+            self._writer = _core.AsyncCheckpointWriter(str(self.directory), **self._writer_options)
+        return self._writer
+
+    def _check_step(self, step: Any) -> int:
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        if self._newest_step is not None and step <= self._newest_step:
+            raise CheckpointError(
+                f"cannot save step {step}: {self.directory} already holds step {self._newest_step}, and saving "
+                "an older step would mix two training histories; nothing was written. Restore the newest "
+                "checkpoint, or save into a new directory.")
+        return int(step)
+
+    # ---------------------------------------------------------------------------- loading
+
+    def steps(self) -> list[int]:
+        """Steps of committed checkpoints, oldest first (not verified: see restore())."""
+        return ckdir.committed_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        return max(self.steps(), default=None)
+
+    def restore(self, objects: Mapping[str, Any], step: int | None = None, *, rng: bool = True) -> int | None:
+        """Loads a checkpoint into `objects` in place and returns its step.
+
+        With step=None the newest checkpoint that verifies is used: one that fails
+        verification is reported with a CheckpointFallbackWarning, moved aside to
+        step-N.corrupt-<time>/ (when this Checkpointer may write), and the next older one
+        is tried. Returns None when the directory holds no checkpoint.
+
+        Raises:
+            CheckpointError: the requested step fails verification, no checkpoint verifies,
+                or the checkpoint lacks one of `objects`' keys (nothing is changed then).
+        """
+        if not isinstance(objects, Mapping):
+            raise ValueError("objects must be a mapping from the names used at save() to objects")
+        found = self._load_newest_valid(step, list(objects))
+        if found is None:
+            return None
+        loaded_step, values, rng_state = found
+        for key, obj in objects.items():
+            load_object(key, obj, values[key])
+        if rng and rng_state is not None:
+            restore_rng_state(rng_state)
+        self._newest_step = max(self.steps(), default=None)
+        return loaded_step
+
+    def load(self, step: int | None = None) -> dict[str, Any]:
+        """Returns a checkpoint as plain nested dicts of tensors and values (newest valid by default)."""
+        found = self._load_newest_valid(step, None)
+        if found is None:
+            raise CheckpointError(f"{self.directory} holds no checkpoint")
+        return found[1]
+
+    def _load_newest_valid(self, step: int | None,
+                           keys: Iterable[str] | None) -> tuple[int, dict[str, Any], Any] | None:
+        self.wait()
+        if step is not None:
+            if step not in self.steps():
+                raise CheckpointError(f"{self.directory} has no committed checkpoint for step {step}; "
+                                      f"it holds {self.steps()}")
+            return (step, *self._load_step(step, keys))
+        failures = []
+        for candidate in reversed(self.steps()):
+            try:
+                return (candidate, *self._load_step(candidate, keys))
+            except _MissingKeys:
+                raise
+            except CheckpointError as e:
+                moved = ""
+                if self._lock.held:
+                    moved = f"; moved aside to {ckdir.quarantine(self.directory, candidate).name}"
+                warnings.warn(f"checkpoint step {candidate} failed verification: {e}{moved}. Trying an older one.",
+                              CheckpointFallbackWarning, stacklevel=3)
+                failures.append(f"step {candidate}: {e}")
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.directory} verifies:\n  " + "\n  ".join(failures))
+        return None
+
+    def _load_step(self, step: int, keys: Iterable[str] | None) -> tuple[dict[str, Any], Any]:
+        manifest = read_manifest(ckdir.step_dir(self.directory, step))
+        objects, rng_tree = _split_state(manifest)
+        if keys is not None:
+            missing = [k for k in keys if k not in objects]
+            if missing:
+                raise _MissingKeys(f"checkpoint step {step} has no {missing}; it holds {sorted(objects)}")
+            objects = {k: objects[k] for k in keys}
+        tensors = read_tensors(manifest, tensor_names([objects, rng_tree]), self._read_threads)
+        return decode(objects, tensors), decode(rng_tree, tensors)
+
+    # ---------------------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Waits for every save, then releases the directory."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._guard.close()
+            self._writer = None
+            self._lock.release()
+            _open_checkpointers.discard(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this Checkpointer is closed")
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({str(self.directory)!r}, keep_last={self.keep_last}, steps={self.steps()})"
+
+
+class _MissingKeys(CheckpointError):
+    """A caller asked for keys the checkpoint lacks: not corruption, so no fallback."""
+
+
+def _split_state(manifest: Manifest) -> tuple[dict[str, Any], Any]:
+    state = manifest.state
+    if not isinstance(state, dict) or not isinstance(state.get("objects"), dict):
+        raise CheckpointError(f"{manifest.directory}/manifest.json has no saved objects")
+    return state["objects"], state.get("rng")
+
+
+_open_checkpointers: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_saves_at_exit() -> None:
+    # A save in flight at a normal interpreter exit still becomes durable.
+    for ckpt in list(_open_checkpointers):
+        try:
+            ckpt.close()
+        except Exception as e:  # noqa: BLE001 - nothing can be raised at exit
+            print(f"pyengine: a checkpoint save failed at exit: {e}", file=sys.stderr)

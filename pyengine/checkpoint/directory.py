@@ -1,0 +1,83 @@
+"""The checkpoint directory: naming of committed and temporary step directories,
+listing, clean-up of torn saves, and the lock that keeps one writer per directory.
+
+    DIR/step-00001200/               committed (only these are ever loaded)
+    DIR/step-00001300.tmp-<id>/      in flight, torn, or being pruned: removed on open
+    DIR/step-00001100.corrupt-<t>/   failed verification on restore: kept for inspection
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+LOCK_FILE = ".pyengine-writer.lock"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps of committed checkpoints, oldest first. A missing directory has none."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    steps = [int(m.group(1)) for m in map(STEP_DIR.match, names) if m and (root / m.group(0)).is_dir()]
+    return sorted(steps)
+
+
+def remove_temp_dirs(root: Path) -> list[str]:
+    """Removes leftovers of saves that never committed (and of interrupted pruning)."""
+    removed = []
+    for name in os.listdir(root):
+        if name.startswith("step-") and ".tmp-" in name:
+            shutil.rmtree(root / name, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def quarantine(root: Path, step: int) -> Path:
+    """Moves a checkpoint that failed verification aside, so it is neither loaded nor
+    pruned, and a new save of the same step cannot collide with it. Nothing is deleted."""
+    src = step_dir(root, step)
+    dst = root / f"{src.name}.corrupt-{int(time.time())}"
+    os.rename(src, dst)
+    return dst
+
+
+class WriterLock:
+    """An advisory lock (flock) that one Checkpointer holds while it may write DIR.
+    The kernel drops it when the process dies, even by SIGKILL, so a crash never leaves
+    a stale lock behind."""
+
+    def __init__(self, root: Path) -> None:
+        self._path = root / LOCK_FILE
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
