@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 
 class OverlapGuard:
@@ -31,7 +31,7 @@ class OverlapGuard:
         with self._lock:
             self._pending.append(wait_snapshot)
             if self._hook is None:
-                self._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(self._before_step)
+                self._hook = register_optimizer_step_pre_hook(self._before_step)
 
     def drain(self) -> None:
         """Waits for every pending snapshot (the synchronisation point)."""

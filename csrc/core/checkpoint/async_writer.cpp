@@ -167,8 +167,14 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
     throw;
   }
   save->layout = std::move(layout);
-  save->sources = std::move(sources);
   save->state_json = std::move(state_json);
+  if (save->sync_count < sources.size()) {
+    save->sources = std::move(sources);
+  } else {
+    // Everything is staged already: a blocking save reports its snapshot done on return.
+    save->stats.snapshot_done = true;
+    save->stats.snapshot_seconds = seconds_since(save->started);
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     saves_[save->id] = save;
@@ -179,19 +185,21 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
 
 void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
   name_this_thread("pe-ckpt-" + std::to_string(save->step));
-  try {
-    copy_into_staging(save->layout, save->sources, save->sync_count, save->sources.size(), save->staging->data(),
-                      options_.copy_threads);
-  } catch (...) {
-    save->error = std::current_exception();
+  if (!save->sources.empty()) {
+    try {
+      copy_into_staging(save->layout, save->sources, save->sync_count, save->sources.size(), save->staging->data(),
+                        options_.copy_threads);
+    } catch (...) {
+      save->error = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      save->sources.clear();  // the caller may reuse its buffers from here on
+      save->stats.snapshot_done = true;
+      save->stats.snapshot_seconds = seconds_since(save->started);
+    }
+    changed_.notify_all();
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    save->sources.clear();  // the caller may reuse its buffers from here on
-    save->stats.snapshot_done = true;
-    save->stats.snapshot_seconds = seconds_since(save->started);
-  }
-  changed_.notify_all();
   if (!save->error) {
     try {
       persist(*save);
