@@ -1,0 +1,182 @@
+// Bindings for the data engine. Batches cross as DataBatch objects that expose their pooled
+// buffer through the buffer protocol; the Python layer views it with numpy and torch
+// (no copy), and the buffer returns to the pool when the last view is freed. Dataset
+// payloads cross as read-only numpy views of the memory maps. Calls that wait release the
+// GIL; worker threads never touch Python.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <memory>
+
+#include "bindings.h"
+#include "common/errors.h"
+#include "data/batch_assembler.h"
+#include "data/mmap_dataset.h"
+#include "data/prefetcher.h"
+
+namespace py = pybind11;
+
+namespace pe::bindings {
+namespace {
+
+using data::Batch;
+using data::BatchAssembler;
+using data::MmapDataset;
+using data::Prefetcher;
+
+struct PyDataset {
+  std::shared_ptr<const MmapDataset> ds;
+};
+
+// A delivered batch. Holds its pooled buffer; when the buffer is caller-owned pinned
+// memory, also a reference to its Python owner so it outlives every view of it.
+struct PyBatch {
+  Batch batch;
+  py::object keepalive;
+};
+
+struct PyLoader {
+  std::shared_ptr<const BatchAssembler> assembler;
+  std::unique_ptr<Prefetcher> prefetcher;
+  py::list pinned_owners;
+};
+
+std::unique_ptr<PyDataset> open_dataset(const py::list& fields, const std::vector<uint64_t>& shard_counts,
+                                        bool verify) {
+  std::vector<data::FieldSpec> specs;
+  for (const py::handle& item : fields) {
+    auto t = item.cast<py::tuple>();  // (name, kind, sample_bytes, dtype, [paths])
+    specs.push_back(data::FieldSpec{t[0].cast<std::string>(), static_cast<data::FieldKind>(t[1].cast<uint32_t>()),
+                                    t[2].cast<uint64_t>(), t[3].cast<std::string>(),
+                                    t[4].cast<std::vector<std::string>>()});
+  }
+  py::gil_scoped_release release;
+  return std::make_unique<PyDataset>(PyDataset{std::make_shared<const MmapDataset>(specs, shard_counts, verify)});
+}
+
+py::array payload_view(const py::object& self, size_t field, size_t shard) {
+  const MmapDataset& ds = *self.cast<PyDataset&>().ds;
+  if (field >= ds.num_fields() || shard >= ds.num_shards()) throw py::index_error("field or shard out of range");
+  const data::ShardFile& f = ds.shard(field, shard);
+  py::array arr(py::dtype("uint8"), {f.payload_bytes()}, {1}, f.payload(), self);
+  py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return arr;
+}
+
+py::object offsets_view(const py::object& self, size_t field, size_t shard) {
+  const MmapDataset& ds = *self.cast<PyDataset&>().ds;
+  if (field >= ds.num_fields() || shard >= ds.num_shards()) throw py::index_error("field or shard out of range");
+  const data::ShardFile& f = ds.shard(field, shard);
+  if (f.offsets() == nullptr) return py::none();
+  py::array arr(py::dtype("uint64"), {f.count() + 1}, {8}, f.offsets(), self);
+  py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return std::move(arr);
+}
+
+py::object next_batch(PyLoader& l) {
+  // Wait in short slices so Ctrl-C (a pending signal) interrupts a blocked consumer.
+  for (;;) {
+    Batch batch;
+    Prefetcher::Status status;
+    {
+      py::gil_scoped_release release;
+      status = l.prefetcher->next(&batch, std::chrono::milliseconds(100));
+    }
+    if (status == Prefetcher::Status::kBatch) {
+      py::object keepalive = batch.buffer.external() ? py::object(l.pinned_owners) : py::object(py::none());
+      return py::cast(std::make_unique<PyBatch>(PyBatch{std::move(batch), std::move(keepalive)}));
+    }
+    if (status == Prefetcher::Status::kEnd) return py::none();
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  }
+}
+
+}  // namespace
+
+void bind_data(py::module_& m) {
+  py::class_<PyDataset>(m, "MmapDataset", "Memory-mapped, validated dataset files (see csrc/core/data/).")
+      .def(py::init(&open_dataset), py::arg("fields"), py::arg("shard_counts"), py::arg("verify") = false,
+           "fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths])]. Opens and checks "
+           "every file (verify: also every payload checksum). Releases the GIL.")
+      .def_property_readonly("num_samples", [](const PyDataset& d) { return d.ds->size(); })
+      .def_property_readonly("num_shards", [](const PyDataset& d) { return d.ds->num_shards(); })
+      .def("payload", &payload_view, py::arg("field"), py::arg("shard"), "Read-only uint8 view of a payload.")
+      .def("offsets", &offsets_view, py::arg("field"), py::arg("shard"),
+           "Read-only uint64 view of a variable field's offset table (None for fixed fields).");
+
+  py::class_<PyBatch>(m, "DataBatch", py::buffer_protocol(), "One assembled batch in a pooled buffer.")
+      .def_buffer([](PyBatch& b) {
+        return py::buffer_info(b.batch.buffer.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.batch.bytes)}, {1}, false);
+      })
+      .def_property_readonly("epoch", [](const PyBatch& b) { return b.batch.epoch; })
+      .def_property_readonly("index", [](const PyBatch& b) { return b.batch.index; })
+      .def_property_readonly("size", [](const PyBatch& b) { return b.batch.size; })
+      .def_property_readonly("nbytes", [](const PyBatch& b) { return b.batch.bytes; })
+      .def_property_readonly("pinned", [](const PyBatch& b) { return b.batch.buffer.external(); })
+      .def_property_readonly("fields", [](const PyBatch& b) {
+        py::list out;
+        for (const data::FieldLayout& f : b.batch.fields) out.append(py::make_tuple(f.data_offset, f.data_bytes, f.offsets_offset));
+        return out;
+      });
+
+  py::class_<PyLoader>(m, "DataLoaderCore", "Sampler + worker threads + ordered bounded prefetch ring.")
+      .def(py::init([](const PyDataset& d, uint64_t batch_size, bool drop_last, int order, uint64_t seed,
+                       uint64_t rank, uint64_t world_size, uint64_t block_size, uint64_t window_blocks, size_t threads,
+                       size_t depth, uint64_t cache_bytes) {
+             data::SamplerConfig cfg{d.ds->size(), batch_size, drop_last, static_cast<data::Order>(order), seed,
+                                     rank, world_size, block_size, window_blocks};
+             data::Sampler sampler(cfg);
+             auto assembler = std::make_shared<const BatchAssembler>(d.ds, cache_bytes, depth + threads + 2);
+             auto l = std::make_unique<PyLoader>();
+             l->assembler = assembler;
+             l->prefetcher = std::make_unique<Prefetcher>(assembler, sampler, threads, depth);
+             return l;
+           }),
+           py::arg("dataset"), py::arg("batch_size"), py::arg("drop_last"), py::arg("order"), py::arg("seed"),
+           py::arg("rank"), py::arg("world_size"), py::arg("block_size"), py::arg("window_blocks"),
+           py::arg("threads"), py::arg("depth"), py::arg("cache_bytes"))
+      .def_property_readonly("num_batches", [](const PyLoader& l) { return l.prefetcher->sampler().num_batches(); })
+      .def("batch_indices",
+           [](const PyLoader& l, uint64_t epoch, uint64_t b) {
+             const data::Sampler& s = l.prefetcher->sampler();
+             if (b >= s.num_batches()) throw py::index_error("batch index out of range");
+             py::array_t<uint64_t> out(static_cast<py::ssize_t>(s.batch_len(b)));
+             s.batch_indices(epoch, b, out.mutable_data());
+             return out;
+           },
+           py::arg("epoch"), py::arg("batch"), "The sample indices of one batch (the sampler, without reading).")
+      .def("start", [](PyLoader& l, uint64_t epoch, uint64_t batch, bool infinite) {
+             py::gil_scoped_release release;
+             l.prefetcher->start(epoch, batch, infinite);
+           },
+           py::arg("epoch"), py::arg("batch"), py::arg("infinite"),
+           "Starts worker threads at (epoch, batch), stopping any previous run (joins: releases the GIL).")
+      .def("next", &next_batch,
+           "Blocks (GIL released) until the next batch in order; None at the end of a finite run. Re-raises a "
+           "worker's error with its message; raises KeyboardInterrupt if interrupted while waiting.")
+      .def("stop", [](PyLoader& l) { l.prefetcher->stop(); }, py::call_guard<py::gil_scoped_release>(),
+           "Closes the ring and joins the workers; idempotent. Releases the GIL.")
+      .def_property_readonly("running", [](const PyLoader& l) { return l.prefetcher->running(); })
+      .def("fixed_batch_bytes", [](const PyLoader& l, uint64_t n) { return l.assembler->fixed_batch_bytes(n); })
+      .def("add_pinned_buffer",
+           [](PyLoader& l, const py::object& owner, uintptr_t ptr, uint64_t capacity) {
+             l.pinned_owners.append(owner);
+             l.assembler->pool()->add_external(reinterpret_cast<uint8_t*>(ptr), capacity);
+           },
+           py::arg("owner"), py::arg("ptr"), py::arg("capacity"),
+           "Adds caller-owned (pinned) memory to the batch pool; `owner` is kept alive with every batch in it.")
+      .def_property_readonly("pool_bytes", [](const PyLoader& l) { return l.assembler->pool()->allocated_bytes(); })
+      .def("cache_stats", [](const PyLoader& l) {
+        const data::BlockCache& c = l.assembler->cache();
+        py::dict d;
+        d["budget_bytes"] = c.budget_bytes();
+        d["cached_bytes"] = c.cached_bytes();
+        d["hit_bytes"] = c.hit_bytes();
+        d["miss_bytes"] = c.miss_bytes();
+        return d;
+      });
+}
+
+}  // namespace pe::bindings

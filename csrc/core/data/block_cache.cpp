@@ -1,0 +1,80 @@
+#include "data/block_cache.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace pe::data {
+
+BlockCache::BlockCache(const std::vector<std::pair<const uint8_t*, uint64_t>>& regions, uint64_t budget_bytes)
+    : budget_(budget_bytes) {
+  regions_.reserve(regions.size());
+  for (const auto& [base, bytes] : regions) {
+    uint64_t n = budget_ == 0 ? 0 : (bytes + kBlockBytes - 1) / kBlockBytes;
+    regions_.push_back(Region{base, bytes, std::unique_ptr<Block[]>(n == 0 ? nullptr : new Block[n])});
+  }
+}
+
+BlockCache::~BlockCache() {
+  if (budget_ == 0) return;
+  for (Region& r : regions_) {
+    uint64_t n = (r.bytes + kBlockBytes - 1) / kBlockBytes;
+    for (uint64_t b = 0; b < n; ++b) std::free(r.blocks[b].data);
+  }
+}
+
+const uint8_t* BlockCache::block_data(Region& r, uint64_t block) {
+  Block& blk = r.blocks[block];
+  uint8_t state = blk.state.load(std::memory_order_acquire);
+  if (state == kReady) return blk.data;
+  if (state == kFilling || full_.load(std::memory_order_relaxed)) return nullptr;
+  const uint64_t start = block * kBlockBytes;
+  const uint64_t len = r.bytes - start < kBlockBytes ? r.bytes - start : kBlockBytes;
+  if (used_.fetch_add(len, std::memory_order_relaxed) + len > budget_) {
+    used_.fetch_sub(len, std::memory_order_relaxed);
+    full_.store(true, std::memory_order_relaxed);
+    return nullptr;
+  }
+  uint8_t expected = kEmpty;
+  if (!blk.state.compare_exchange_strong(expected, kFilling, std::memory_order_acq_rel)) {
+    used_.fetch_sub(len, std::memory_order_relaxed);  // another thread is filling it
+    return nullptr;
+  }
+  auto* data = static_cast<uint8_t*>(std::malloc(len));
+  if (data == nullptr) {  // out of memory: stop caching rather than fail the read
+    used_.fetch_sub(len, std::memory_order_relaxed);
+    full_.store(true, std::memory_order_relaxed);
+    blk.state.store(kEmpty, std::memory_order_release);
+    return nullptr;
+  }
+  std::memcpy(data, r.base + start, len);
+  blk.data = data;
+  blk.state.store(kReady, std::memory_order_release);
+  return data;
+}
+
+void BlockCache::copy(size_t region, uint64_t offset, uint64_t n, uint8_t* dst) {
+  if (budget_ == 0) {
+    std::memcpy(dst, regions_[region].base + offset, n);
+    return;
+  }
+  Region& r = regions_[region];
+  while (n > 0) {
+    const uint64_t block = offset / kBlockBytes;
+    const uint64_t in_block = offset - block * kBlockBytes;
+    const uint64_t len = kBlockBytes - in_block < n ? kBlockBytes - in_block : n;
+    const uint8_t* cached = block_data(r, block);
+    if (cached != nullptr) {
+      std::memcpy(dst, cached + in_block, len);
+      hits_.fetch_add(len, std::memory_order_relaxed);
+    } else {
+      std::memcpy(dst, r.base + offset, len);
+      misses_.fetch_add(len, std::memory_order_relaxed);
+    }
+    dst += len;
+    offset += len;
+    n -= len;
+  }
+}
+
+}  // namespace pe::data

@@ -1,0 +1,47 @@
+// A dataset on disk: named fields, each split into the same shards, all memory-mapped.
+//
+// The Python layer reads dataset.json (the manifest, written last by the writer) and
+// passes what it promises here; every file is then opened and checked against it.
+// Concurrency: immutable after construction; shared (shared_ptr) by the Python Dataset and
+// every loader over it, read by any number of threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/shard_file.h"
+
+namespace pe::data {
+
+struct FieldSpec {
+  std::string name;
+  FieldKind kind;
+  uint64_t sample_bytes;  // fixed: bytes per sample; variable: bytes per element
+  std::string dtype;
+  std::vector<std::string> shard_paths;  // one per shard, in order
+};
+
+class MmapDataset {
+ public:
+  // shard_counts[s] = samples in shard s (the same for every field).
+  MmapDataset(const std::vector<FieldSpec>& fields, const std::vector<uint64_t>& shard_counts, bool verify);
+
+  uint64_t size() const { return num_samples_; }
+  size_t num_fields() const { return fields_.size(); }
+  size_t num_shards() const { return shard_starts_.size() - 1; }
+  const FieldSpec& spec(size_t field) const { return specs_[field]; }
+  const ShardFile& shard(size_t field, size_t s) const { return fields_[field][s]; }
+
+  // The shard holding global sample i, and i's index inside it.
+  void locate(uint64_t i, size_t* shard, uint64_t* local) const;
+
+ private:
+  std::vector<FieldSpec> specs_;
+  std::vector<std::vector<ShardFile>> fields_;  // [field][shard]
+  std::vector<uint64_t> shard_starts_;          // prefix sums, size num_shards + 1
+  uint64_t num_samples_ = 0;
+};
+
+}  // namespace pe::data

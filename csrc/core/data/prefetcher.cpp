@@ -1,0 +1,124 @@
+#include "data/prefetcher.h"
+
+#include <string>
+
+#include "common/errors.h"
+#include "common/parallel.h"
+
+namespace pe::data {
+
+Prefetcher::Prefetcher(std::shared_ptr<const BatchAssembler> assembler, Sampler sampler, size_t threads, size_t depth)
+    : assembler_(std::move(assembler)), sampler_(std::move(sampler)), threads_(threads), depth_(depth) {
+  if (threads_ == 0) throw InvalidArgument("threads must be at least 1");
+  if (depth_ == 0) throw InvalidArgument("prefetch depth must be at least 1");
+}
+
+Prefetcher::~Prefetcher() { stop(); }
+
+void Prefetcher::start(uint64_t epoch, uint64_t batch, bool infinite) {
+  stop();
+  const uint64_t nb = sampler_.num_batches();
+  if (batch > nb) throw InvalidArgument("batch position past the end of the epoch");
+  if (infinite && nb == 0) throw InvalidArgument("an infinite loader needs at least one batch per epoch");
+  std::lock_guard<std::mutex> lock(mu_);
+  ring_.clear();
+  ring_.resize(depth_);
+  closed_ = false;
+  exhausted_ = false;
+  next_ticket_ = 0;
+  consumed_ = 0;
+  start_epoch_ = epoch;
+  start_batch_ = batch;
+  infinite_ = infinite;
+  total_tickets_ = nb - batch;
+  workers_.reserve(threads_);
+  for (size_t i = 0; i < threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+void Prefetcher::stop() {
+  std::vector<std::thread> workers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    workers.swap(workers_);
+  }
+  space_cv_.notify_all();
+  ready_cv_.notify_all();
+  for (std::thread& t : workers) t.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  ring_.clear();  // returns undelivered batches to the pool
+}
+
+bool Prefetcher::running() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !workers_.empty() && !closed_;
+}
+
+Batch Prefetcher::build(uint64_t ticket) const {
+  const uint64_t nb = sampler_.num_batches();
+  const uint64_t global = start_batch_ + ticket;
+  const uint64_t epoch = start_epoch_ + global / nb;
+  const uint64_t index = global % nb;
+  const uint64_t len = sampler_.batch_len(index);
+  std::vector<uint64_t> indices(len);
+  sampler_.batch_indices(epoch, index, indices.data());
+  Batch batch = assembler_->assemble(indices.data(), len);
+  batch.epoch = epoch;
+  batch.index = index;
+  return batch;
+}
+
+void Prefetcher::worker_loop(size_t id) {
+  name_this_thread("pe-data-" + std::to_string(id));
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    space_cv_.wait(lock, [&] { return closed_ || (!exhausted_ && next_ticket_ < consumed_ + depth_); });
+    if (closed_) return;
+    const uint64_t ticket = next_ticket_++;
+    Slot slot;
+    if (!infinite_ && ticket >= total_tickets_) {
+      slot.end = true;
+      exhausted_ = true;
+    } else {
+      lock.unlock();
+      try {
+        slot.batch = build(ticket);
+      } catch (...) {
+        slot.error = std::current_exception();
+      }
+      lock.lock();
+      if (closed_) return;  // slot's batch goes back to the pool as it is destroyed
+      if (slot.error) exhausted_ = true;
+    }
+    slot.filled = true;
+    ring_[ticket % depth_] = std::move(slot);
+    ready_cv_.notify_all();
+  }
+}
+
+Prefetcher::Status Prefetcher::next(Batch* out, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (closed_) return Status::kEnd;
+  Slot* slot = &ring_[consumed_ % depth_];
+  if (!ready_cv_.wait_for(lock, timeout, [&] { return closed_ || slot->filled; })) return Status::kTimeout;
+  if (closed_) return Status::kEnd;
+  if (slot->end) {
+    lock.unlock();
+    stop();
+    return Status::kEnd;
+  }
+  if (slot->error) {
+    std::exception_ptr error = slot->error;
+    lock.unlock();
+    stop();
+    std::rethrow_exception(error);
+  }
+  *out = std::move(slot->batch);
+  *slot = Slot{};
+  ++consumed_;
+  lock.unlock();
+  space_cv_.notify_all();
+  return Status::kBatch;
+}
+
+}  // namespace pe::data

@@ -1,0 +1,19 @@
+"""Fast, exactly resumable data loading: a self-describing on-disk format and a C++ loader.
+
+::
+
+    pe.data.write_dataset("train.ds", {"x": images, "y": labels})
+    loader = pe.data.Loader(pe.data.Dataset("train.ds"), batch_size=256, shuffle=True, seed=0)
+    for batch in loader:            # dict[str, torch.Tensor]
+        ...
+    state = loader.state_dict()     # JSON-serialisable; load_state_dict resumes exactly
+"""
+
+from __future__ import annotations
+
+from pyengine.data.dataset import Dataset, FieldInfo
+from pyengine.data.loader import Loader
+from pyengine.data.torch_interop import from_torch_dataset
+from pyengine.data.writer import DatasetWriter, write_dataset
+
+__all__ = ["Dataset", "DatasetWriter", "FieldInfo", "Loader", "from_torch_dataset", "write_dataset"]
