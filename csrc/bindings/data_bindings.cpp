@@ -158,6 +158,8 @@ void bind_data(py::module_& m) {
            "worker's error with its message; raises KeyboardInterrupt if interrupted while waiting.")
       .def("stop", [](PyLoader& l) { l.prefetcher->stop(); }, py::call_guard<py::gil_scoped_release>(),
            "Closes the ring and joins the workers; idempotent. Releases the GIL.")
+      .def("_inject_failure", [](PyLoader& l, int64_t index) { l.prefetcher->inject_failure(index); },
+           py::arg("batch"), "Test hook: assembling this batch index throws DataError (-1: off).")
       .def_property_readonly("running", [](const PyLoader& l) { return l.prefetcher->running(); })
       .def("fixed_batch_bytes", [](const PyLoader& l, uint64_t n) { return l.assembler->fixed_batch_bytes(n); })
       .def("add_pinned_buffer",

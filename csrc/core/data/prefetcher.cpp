@@ -1,9 +1,10 @@
 #include "data/prefetcher.h"
 
+#include <pthread.h>
+
 #include <string>
 
 #include "common/errors.h"
-#include "common/parallel.h"
 
 namespace pe::data {
 
@@ -32,7 +33,11 @@ void Prefetcher::start(uint64_t epoch, uint64_t batch, bool infinite) {
   infinite_ = infinite;
   total_tickets_ = nb - batch;
   workers_.reserve(threads_);
-  for (size_t i = 0; i < threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  for (size_t i = 0; i < threads_; ++i) {
+    workers_.emplace_back([this] { worker_loop(); });
+    // Named here, not in the thread, so every worker has its name once start() returns.
+    pthread_setname_np(workers_.back().native_handle(), ("pe-data-" + std::to_string(i)).c_str());
+  }
 }
 
 void Prefetcher::stop() {
@@ -59,6 +64,8 @@ Batch Prefetcher::build(uint64_t ticket) const {
   const uint64_t global = start_batch_ + ticket;
   const uint64_t epoch = start_epoch_ + global / nb;
   const uint64_t index = global % nb;
+  if (fail_index_ >= 0 && index == static_cast<uint64_t>(fail_index_))
+    throw DataError("injected failure while reading batch " + std::to_string(index) + " (test hook)");
   const uint64_t len = sampler_.batch_len(index);
   std::vector<uint64_t> indices(len);
   sampler_.batch_indices(epoch, index, indices.data());
@@ -68,8 +75,7 @@ Batch Prefetcher::build(uint64_t ticket) const {
   return batch;
 }
 
-void Prefetcher::worker_loop(size_t id) {
-  name_this_thread("pe-data-" + std::to_string(id));
+void Prefetcher::worker_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     space_cv_.wait(lock, [&] { return closed_ || (!exhausted_ && next_ticket_ < consumed_ + depth_); });

@@ -45,6 +45,8 @@ class Prefetcher {
   void stop();
 
   bool running() const;
+  // Test hook (a faulty backend): assembling batch `index` of any epoch throws DataError.
+  void inject_failure(int64_t index) { fail_index_ = index; }
   const Sampler& sampler() const { return sampler_; }
 
  private:
@@ -55,7 +57,7 @@ class Prefetcher {
     Batch batch;
   };
 
-  void worker_loop(size_t id);
+  void worker_loop();
   Batch build(uint64_t ticket) const;
 
   const std::shared_ptr<const BatchAssembler> assembler_;
@@ -76,6 +78,7 @@ class Prefetcher {
   uint64_t start_epoch_ = 0;
   uint64_t start_batch_ = 0;
   bool infinite_ = false;
+  int64_t fail_index_ = -1;  // set only between runs
 };
 
 }  // namespace pe::data
