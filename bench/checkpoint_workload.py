@@ -65,13 +65,15 @@ def torch_load_seconds(model, opt, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def dd_fsync_bytes_per_second(directory: Path, nbytes: int) -> float:
-    """The disk's fsync'd sequential write bandwidth, as `dd conv=fsync` measures it."""
+def dd_fsync_bytes_per_second(directory: Path, nbytes: int, direct: bool = False) -> float:
+    """The disk's fsync'd sequential write bandwidth, as `dd conv=fsync` measures it
+    (with `oflag=direct` too when `direct`)."""
     target = directory / "dd.bin"
     block = 8 << 20
     count = max(1, nbytes // block)
+    flags = ["conv=fsync", "oflag=direct"] if direct else ["conv=fsync"]
     t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={block}", f"count={count}", "conv=fsync"],
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={block}", f"count={count}", *flags],
                    check=True, capture_output=True)
     seconds = time.perf_counter() - t0
     target.unlink()
@@ -101,3 +103,13 @@ class DcpAsyncSave:
 
     def close(self) -> None:
         self._dist.destroy_process_group()
+
+
+def drop_page_cache() -> bool:
+    """Evicts clean file pages so the next read comes from the disk (needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False

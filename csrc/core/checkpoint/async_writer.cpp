@@ -158,7 +158,7 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
     save->stats.bytes = layout.total_data_bytes;
     save->stats.path = join_path(options_.directory, step_dir_name(step));
     save->sync_count = std::min(sync_count, sources.size());
-    save->staging = std::make_unique<StagingLease>(pool_, layout.total_data_bytes);
+    save->staging = std::make_unique<StagingLease>(pool_, layout.staging_bytes);
     copy_into_staging(layout, sources, 0, save->sync_count, save->staging->data(), options_.copy_threads);
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu_);

@@ -38,8 +38,8 @@ std::string make_header(const CheckpointLayout& layout, const ShardPlan& shard) 
             std::to_string(t.data_begin + t.spec.nbytes) + "]},";
   }
   json += "\"__metadata__\":{\"format\":\"pt\",\"writer\":\"pyengine\"}}";
-  // safetensors allows trailing spaces; padding keeps the data section 8-byte aligned.
-  while ((8 + json.size()) % 8 != 0) json.push_back(' ');
+  // safetensors allows trailing spaces; padding aligns the data section for O_DIRECT.
+  json.append((kFileAlign - (8 + json.size()) % kFileAlign) % kFileAlign, ' ');
   std::string header(8, '\0');
   uint64_t n = json.size();
   for (int i = 0; i < 8; ++i) header[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
@@ -103,9 +103,10 @@ CheckpointLayout plan_layout(std::vector<TensorSpec> specs, size_t max_shards) {
       layout.tensors[idx].staging_offset = staging + begin;
       begin += layout.tensors[idx].spec.nbytes;
     }
-    staging += shard.data_bytes;
+    staging += (shard.data_bytes + kFileAlign - 1) / kFileAlign * kFileAlign;
     shard.header = make_header(layout, shard);
   }
+  layout.staging_bytes = staging;
   return layout;
 }
 

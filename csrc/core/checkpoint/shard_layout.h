@@ -9,6 +9,10 @@
 
 namespace pe {
 
+// Shard data starts at a multiple of this in the file and in staging, so shards can be
+// written with O_DIRECT straight from staging memory.
+constexpr uint64_t kFileAlign = 4096;
+
 struct TensorSpec {
   std::string name;
   std::string dtype;  // safetensors dtype: F32, BF16, I64, BOOL, ...
@@ -25,9 +29,9 @@ struct PlacedTensor {
 
 struct ShardPlan {
   std::string file_name;        // shard-00000-of-00004.safetensors
-  std::string header;           // 8-byte little-endian length + JSON, padded to 8 bytes
+  std::string header;           // 8-byte little-endian length + JSON, padded to kFileAlign
   uint64_t data_bytes = 0;
-  uint64_t staging_offset = 0;  // the shard's data is contiguous in staging
+  uint64_t staging_offset = 0;  // the shard's data is contiguous in staging, kFileAlign-aligned
   std::vector<size_t> tensors;  // indices into CheckpointLayout::tensors, in file order
   uint64_t file_bytes() const { return header.size() + data_bytes; }
 };
@@ -36,6 +40,7 @@ struct CheckpointLayout {
   std::vector<PlacedTensor> tensors;  // in the caller's order
   std::vector<ShardPlan> shards;
   uint64_t total_data_bytes = 0;
+  uint64_t staging_bytes = 0;  // total_data_bytes plus alignment padding between shards
 };
 
 // Bytes per element of a safetensors dtype; throws InvalidArgument for unknown names.

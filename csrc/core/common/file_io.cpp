@@ -61,6 +61,16 @@ void File::sync() {
   if (::fsync(fd_) != 0) throw_errno(path_, "fsync failed");
 }
 
+bool File::set_direct(bool on) {
+  int flags = ::fcntl(fd_, F_GETFL);
+  if (flags < 0) throw_errno(path_, "fcntl(F_GETFL) failed");
+  int wanted = on ? (flags | O_DIRECT) : (flags & ~O_DIRECT);
+  if (wanted == flags) return true;
+  if (::fcntl(fd_, F_SETFL, wanted) == 0) return true;
+  if (errno == EINVAL) return false;
+  throw_errno(path_, "fcntl(F_SETFL) failed");
+}
+
 void File::close() {
   if (fd_ < 0) return;
   int fd = fd_;

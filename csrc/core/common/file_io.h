@@ -27,6 +27,9 @@ class File {
   void pread_exact(void* dst, size_t n, uint64_t offset) const;
   void sync();
   void close();
+  // Turns O_DIRECT on or off for later writes. Returns false (and changes nothing) where
+  // the filesystem does not support it, e.g. tmpfs.
+  bool set_direct(bool on);
   uint64_t size() const;
   const std::string& path() const { return path_; }
 
