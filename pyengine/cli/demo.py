@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     x, y = _make_data()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.dir) if args.dir else Path(tmp) / "checkpoints"
+        if root.exists() and any(root.iterdir()):
+            print(f"pyengine demo: {root} is not empty; give an empty or new directory")
+            return 2
         crash_at = args.steps * 2 // 3 + 3
         print(f"pyengine demo: {args.steps} steps, a checkpoint every {args.every}, a crash at step {crash_at}")
         print(f"checkpoints in {root}\n")
