@@ -5,8 +5,7 @@ The loader and the checkpointer work inside any PyTorch loop; the rest builds on
 
 from __future__ import annotations
 
-from pyengine import checkpoint
-from pyengine import data
+from pyengine import checkpoint, data
 from pyengine.checkpoint import Checkpointer
 from pyengine.errors import CheckpointError, DataError, PyengineError
 
