@@ -8,6 +8,7 @@ listing, clean-up of torn saves, and the lock that keeps one writer per director
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -47,9 +48,17 @@ def quarantine(root: Path, step: int) -> Path:
     """Moves a checkpoint that failed verification aside, so it is neither loaded nor
     pruned, and a new save of the same step cannot collide with it. Nothing is deleted."""
     src = step_dir(root, step)
-    dst = root / f"{src.name}.corrupt-{int(time.time())}"
-    os.rename(src, dst)
-    return dst
+    base, attempt = f"{src.name}.corrupt-{int(time.time())}", 0
+    while True:
+        # The same step may fail twice within a second (saved again after the first failure).
+        dst = root / (base if attempt == 0 else f"{base}-{attempt}")
+        try:
+            os.rename(src, dst)
+            return dst
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        attempt += 1
 
 
 class WriterLock:
