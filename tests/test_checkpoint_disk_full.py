@@ -66,13 +66,16 @@ report["steps_after_failed_wait"] = ck.steps()
 ck.save(3, large(3))  # fails in the background; nobody waits for it
 report["next_save"] = error_of(lambda: ck.save(4, small(4)))
 report["steps_after_unwaited"] = ck.steps()
+# A failed step may be saved again once it fits: nothing of it was committed.
+report["retry_failed_step"] = error_of(lambda: ck.save(3, small(3)).wait())
+report["steps_after_retry"] = ck.steps()
 report["listing"] = sorted(os.listdir(directory))
 ck.close()
 
 with pe.Checkpointer(directory, capture_rng=False) as again:
     target = {{"weights": torch.zeros(1000), "meta": {{}}}}
     report["restored_step"] = again.restore(target)
-    report["restored_equal"] = bool(torch.equal(target["weights"], small(1)["weights"]))
+    report["restored_equal"] = bool(torch.equal(target["weights"], small(3)["weights"]))
     report["restored_meta"] = target["meta"]
     # Once the next save fits under the limit it commits: the failure left nothing behind.
     again.save(5, small(5)).wait()
@@ -118,19 +121,26 @@ def test_unwaited_failure_is_raised_by_the_next_save(report: tuple[dict, Path]) 
     assert data["steps_after_unwaited"] == [1]  # neither step 3 nor step 4 was committed
 
 
+def test_a_failed_step_can_be_saved_again(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    assert data["retry_failed_step"] is None
+    assert data["steps_after_retry"] == [1, 3]
+
+
 def test_failed_saves_leave_nothing_behind(report: tuple[dict, Path]) -> None:
     data, _ = report
-    assert data["listing"] == [".pyengine-writer.lock", "step-00000001"]
+    assert data["listing"] == [".pyengine-writer.lock", "step-00000001", "step-00000003"]
 
 
 def test_older_checkpoint_still_restores_exactly(report: tuple[dict, Path]) -> None:
     data, directory = report
-    assert data["restored_step"] == 1
+    assert data["restored_step"] == 3
     assert data["restored_equal"] is True
-    assert data["restored_meta"] == {"step": 1}
-    assert data["steps_at_end"] == [1, 5]
+    assert data["restored_meta"] == {"step": 3}
+    assert data["steps_at_end"] == [1, 3, 5]
     # Checked again here, outside the limited process.
     with pe.Checkpointer(directory, capture_rng=False) as ck:
         loaded = ck.load(1)
         assert torch.equal(loaded["weights"], torch.arange(1000, dtype=torch.float32) + 1)
-        assert sorted(os.listdir(directory)) == [".pyengine-writer.lock", "step-00000001", "step-00000005"]
+        assert sorted(os.listdir(directory)) == [".pyengine-writer.lock", "step-00000001", "step-00000003",
+                                                 "step-00000005"]

@@ -112,7 +112,6 @@ class Checkpointer:
         self._guard = OverlapGuard()
         self._mirror: PinnedMirror | None = None
         self._pending: list[SaveHandle] = []
-        self._newest_step: int | None = max(self.steps(), default=None)
         self._closed = False
         _open_checkpointers.add(self)
 
@@ -132,6 +131,7 @@ class Checkpointer:
         """
         started = time.perf_counter()
         self._check_open()
+        self._pending = [h for h in self._pending if not h.done()]
         step = self._check_step(step)
         if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
             raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
@@ -148,8 +148,7 @@ class Checkpointer:
         handle = SaveHandle(writer, save_id, step, time.perf_counter() - started, keep_alive)
         if keep_alive is not None:
             self._guard.add(handle.wait_snapshot)
-        self._pending = [h for h in self._pending if not h.done()] + [handle]
-        self._newest_step = step
+        self._pending.append(handle)
         return handle
 
     def wait(self) -> None:
@@ -188,9 +187,11 @@ class Checkpointer:
     def _check_step(self, step: Any) -> int:
         if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        if self._newest_step is not None and step <= self._newest_step:
+        # Committed steps and saves still in flight bound the next step; a save that failed does not.
+        newest = max(self.steps() + [h.step for h in self._pending], default=None)
+        if newest is not None and step <= newest:
             raise CheckpointError(
-                f"cannot save step {step}: {self.directory} already holds step {self._newest_step}, and saving "
+                f"cannot save step {step}: {self.directory} already holds step {newest}, and saving "
                 "an older step would mix two training histories; nothing was written. Restore the newest "
                 "checkpoint, or save into a new directory.")
         return int(step)
@@ -226,7 +227,6 @@ class Checkpointer:
             load_object(key, obj, values[key])
         if rng and rng_state is not None:
             restore_rng_state(rng_state)
-        self._newest_step = max(self.steps(), default=None)
         return loaded_step
 
     def load(self, step: int | None = None) -> dict[str, Any]:
