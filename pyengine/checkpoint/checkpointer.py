@@ -42,6 +42,7 @@ class SaveHandle:
         self.step = step
         self.stall_seconds = stall_seconds
         self._sources = sources  # keeps source buffers alive while an overlapped copy reads them
+        self._final_stats: dict[str, Any] | None = None
 
     def wait_snapshot(self) -> None:
         """Blocks until every byte is staged; the saved objects may change after this."""
@@ -56,16 +57,25 @@ class SaveHandle:
             self._sources = None
 
     def done(self) -> bool:
-        return bool(self._writer.stats(self._id)["done"])
+        return bool(self._stats()["done"])
 
     @property
     def path(self) -> Path:
-        return Path(self._writer.stats(self._id)["path"])
+        return Path(self._stats()["path"])
 
     @property
     def stats(self) -> dict[str, Any]:
         """bytes, stall_seconds (the caller blocked), snapshot_seconds, persist_seconds (to commit)."""
-        return {**self._writer.stats(self._id), "stall_seconds": self.stall_seconds}
+        return {**self._stats(), "stall_seconds": self.stall_seconds}
+
+    def _stats(self) -> dict[str, Any]:
+        # The core forgets long-finished saves, so final figures are kept here.
+        if self._final_stats is not None:
+            return self._final_stats
+        stats = self._writer.stats(self._id)
+        if stats["done"]:
+            self._final_stats = stats
+        return stats
 
 
 class Checkpointer:

@@ -207,7 +207,10 @@ void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
       save->error = std::current_exception();
     }
   }
+  // A finished save keeps only its stats and error: its layout and JSON may be megabytes.
   save->staging.reset();
+  save->layout = CheckpointLayout{};
+  save->state_json = std::string{};
   {
     std::lock_guard<std::mutex> lock(mu_);
     save->stats.done = true;
@@ -311,7 +314,7 @@ void AsyncCheckpointWriter::rethrow_unreported_locked() {
 
 void AsyncCheckpointWriter::forget_finished_locked() {
   // Keep recent saves for stats(); join and drop older finished ones whose errors were seen.
-  constexpr size_t kKeep = 64;
+  constexpr size_t kKeep = 1024;
   for (auto it = saves_.begin(); it != saves_.end() && saves_.size() > kKeep;) {
     auto& s = it->second;
     if (s->stats.done && (!s->error || s->error_reported)) {
