@@ -36,10 +36,19 @@ struct PyBatch {
   py::object keepalive;
 };
 
+// How one field of a batch is viewed: numpy dtype and per-sample shape (fixed fields),
+// or dtype only (variable fields: flat data plus int64 offsets).
+struct FieldView {
+  py::dtype dtype;
+  std::vector<py::ssize_t> sample_shape;
+  bool variable;
+};
+
 struct PyLoader {
   std::shared_ptr<const BatchAssembler> assembler;
   std::unique_ptr<Prefetcher> prefetcher;
   py::list pinned_owners;
+  std::vector<FieldView> views;
 };
 
 std::unique_ptr<PyDataset> open_dataset(const py::list& fields, const std::vector<uint64_t>& shard_counts,
@@ -74,22 +83,47 @@ py::object offsets_view(const py::object& self, size_t field, size_t shard) {
   return std::move(arr);
 }
 
-py::object next_batch(PyLoader& l) {
-  // Wait in short slices so Ctrl-C (a pending signal) interrupts a blocked consumer.
-  for (;;) {
-    Batch batch;
-    Prefetcher::Status status;
-    {
-      py::gil_scoped_release release;
-      status = l.prefetcher->next(&batch, std::chrono::milliseconds(100));
+// (epoch, index, pinned, [arrays]): numpy views of the batch buffer, one per fixed field and
+// two (data, offsets) per variable field, each keeping the buffer's lease alive. Built here
+// rather than in Python because this runs once per batch right after the training step,
+// when the interpreter's caches are cold: every Python-level operation saved counts.
+py::object batch_views(PyLoader& l, Batch&& batch) {
+  py::object keepalive = batch.buffer.external() ? py::object(l.pinned_owners) : py::object(py::none());
+  const uint64_t epoch = batch.epoch, index = batch.index, n = batch.size;
+  const bool pinned = batch.buffer.external();
+  py::object owner = py::cast(std::make_unique<PyBatch>(PyBatch{std::move(batch), std::move(keepalive)}));
+  const Batch& b = owner.cast<PyBatch&>().batch;
+  if (l.views.size() != b.fields.size()) throw pe::InvalidArgument("set_views() was not called with every field");
+  py::list arrays;
+  for (size_t f = 0; f < b.fields.size(); ++f) {
+    const FieldView& v = l.views[f];
+    const data::FieldLayout& lay = b.fields[f];
+    uint8_t* base = b.buffer.data();
+    if (!v.variable) {
+      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(n)};
+      shape.insert(shape.end(), v.sample_shape.begin(), v.sample_shape.end());
+      arrays.append(py::array(v.dtype, shape, base + lay.data_offset, owner));
+    } else {
+      auto count = static_cast<py::ssize_t>(lay.data_bytes / static_cast<uint64_t>(v.dtype.itemsize()));
+      arrays.append(py::array(v.dtype, {count}, base + lay.data_offset, owner));
+      arrays.append(py::array(py::dtype("int64"), {static_cast<py::ssize_t>(n + 1)}, base + lay.offsets_offset, owner));
     }
-    if (status == Prefetcher::Status::kBatch) {
-      py::object keepalive = batch.buffer.external() ? py::object(l.pinned_owners) : py::object(py::none());
-      return py::cast(std::make_unique<PyBatch>(PyBatch{std::move(batch), std::move(keepalive)}));
-    }
-    if (status == Prefetcher::Status::kEnd) return py::none();
-    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
   }
+  return py::make_tuple(epoch, index, pinned, arrays);
+}
+
+py::object next_batch(PyLoader& l) {
+  Batch batch;
+  // Fast path: a prefetched batch is usually waiting; take it without releasing the GIL.
+  Prefetcher::Status status = l.prefetcher->next(&batch, std::chrono::milliseconds(0));
+  // Otherwise wait in short slices so Ctrl-C (a pending signal) interrupts a blocked consumer.
+  while (status == Prefetcher::Status::kTimeout) {
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    py::gil_scoped_release release;
+    status = l.prefetcher->next(&batch, std::chrono::milliseconds(100));
+  }
+  if (status == Prefetcher::Status::kEnd) return py::none();
+  return batch_views(l, std::move(batch));
 }
 
 }  // namespace
@@ -153,9 +187,22 @@ void bind_data(py::module_& m) {
            },
            py::arg("epoch"), py::arg("batch"), py::arg("infinite"),
            "Starts worker threads at (epoch, batch), stopping any previous run (joins: releases the GIL).")
+      .def("set_views",
+           [](PyLoader& l, const py::list& fields) {
+             l.views.clear();
+             for (const py::handle& item : fields) {
+               auto t = item.cast<py::tuple>();  // (numpy dtype, sample shape or None)
+               bool variable = t[1].is_none();
+               l.views.push_back(FieldView{py::dtype::from_args(t[0]),
+                                           variable ? std::vector<py::ssize_t>{} : t[1].cast<std::vector<py::ssize_t>>(),
+                                           variable});
+             }
+           },
+           py::arg("fields"), "How next() views each field: [(dtype, sample shape, or None if variable)].")
       .def("next", &next_batch,
-           "Blocks (GIL released) until the next batch in order; None at the end of a finite run. Re-raises a "
-           "worker's error with its message; raises KeyboardInterrupt if interrupted while waiting.")
+           "The next batch in order as (epoch, index, pinned, [numpy views]); None at the end of a finite run. "
+           "Blocks (GIL released) while none is ready. Re-raises a worker's error with its message; raises "
+           "KeyboardInterrupt if interrupted while waiting.")
       .def("stop", [](PyLoader& l) { l.prefetcher->stop(); }, py::call_guard<py::gil_scoped_release>(),
            "Closes the ring and joins the workers; idempotent. Releases the GIL.")
       .def("_inject_failure", [](PyLoader& l, int64_t index) { l.prefetcher->inject_failure(index); },

@@ -111,6 +111,8 @@ class Loader:
             self.dataset._core, batch_size, drop_last, _ORDERS[order], seed, rank, world_size,
             block, window_blocks, self.threads, self.prefetch, cache_bytes,
         )  # fmt: skip
+        self._core.set_views([(f.dtype, None if f.kind == "variable" else f.shape) for f in self._fields.values()])
+        self._names = [k for name, f in self._fields.items() for k in _batch_keys(name, f.kind)]
         self._copier: Optional[DeviceCopier] = None
         if self.device is not None and self.device.type == "cuda":
             pin_memory = True
@@ -197,18 +199,10 @@ class Loader:
     def _advance(self, epoch: int, index: int) -> None:
         self._epoch, self._batch = (epoch + 1, 0) if index + 1 == len(self) else (epoch, index + 1)
 
-    def _to_tensors(self, batch: Any) -> dict[str, torch.Tensor]:
-        buf = np.frombuffer(batch, dtype=np.uint8)  # a view: `batch` (the pool lease) is its base
-        out: dict[str, torch.Tensor] = {}
-        n = batch.size
-        for (name, info), (offset, nbytes, offsets_at) in zip(self._fields.items(), batch.fields):
-            data = buf[offset : offset + nbytes].view(info.dtype)
-            if offsets_at < 0:
-                out[name] = torch.from_numpy(data.reshape(n, *info.shape))
-            else:
-                out[name] = torch.from_numpy(data)
-                out[name + "_offsets"] = torch.from_numpy(buf[offsets_at : offsets_at + 8 * (n + 1)].view(np.int64))
-        if self.pin_memory and self._copier is None and not batch.pinned:
+    def _to_tensors(self, arrays: list[np.ndarray], pinned: bool) -> dict[str, torch.Tensor]:
+        # Each array views the pooled buffer and keeps its lease alive; so does each tensor.
+        out = {name: torch.from_numpy(a) for name, a in zip(self._names, arrays)}
+        if self.pin_memory and self._copier is None and not pinned:
             out = {k: v.pin_memory() for k, v in out.items()}
         return out
 
@@ -231,17 +225,18 @@ class _LoaderIterator:
             self._done = True
             raise StopIteration
         try:
-            batch = loader._core.next()
+            got = loader._core.next()
         except BaseException:
             self._finish()
             raise
-        if batch is None:
+        if got is None:
             if len(loader) == 0:
                 loader._epoch += 1  # an epoch with no batches still counts as an epoch
             self._finish()
             raise StopIteration
-        loader._advance(batch.epoch, batch.index)
-        out = loader._to_tensors(batch)
+        epoch, index, pinned, arrays = got
+        loader._advance(epoch, index)
+        out = loader._to_tensors(arrays, pinned)
         if loader._copier is not None:
             out = loader._copier(out)
         return loader.transform(out) if loader.transform is not None else out
@@ -255,6 +250,10 @@ class _LoaderIterator:
         # A consumer that breaks out of its loop drops the iterator: stop the workers now.
         if not self._done:
             self._finish()
+
+
+def _batch_keys(name: str, kind: str) -> list[str]:
+    return [name, name + "_offsets"] if kind == "variable" else [name]
 
 
 def _check_fields(dataset: Dataset) -> dict[str, Any]:

@@ -6,6 +6,7 @@
 //  - The ready queue is a ring of `depth` slots: ticket t may be claimed only when
 //    t < consumed + depth, so at most `depth` batches are being built or waiting
 //    (bounded memory), and slot t % depth is always free when t is claimed.
+//  - Idle workers are woken once half the ring is free (fewer wake-ups on the consumer).
 //  - next() returns batches in ticket order whatever order workers finish in, so the
 //    sequence is the sampler's, independent of thread timing.
 //  - A worker's exception is stored in its ticket's slot and rethrown by next() when the
@@ -74,6 +75,7 @@ class Prefetcher {
   bool exhausted_ = false;  // the end marker (or an error) has been claimed
   uint64_t next_ticket_ = 0;
   uint64_t consumed_ = 0;
+  size_t idle_workers_ = 0;  // workers waiting on space_cv_
   uint64_t total_tickets_ = 0;  // finite runs: batches left in the epoch
   uint64_t start_epoch_ = 0;
   uint64_t start_batch_ = 0;
