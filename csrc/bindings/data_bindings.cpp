@@ -207,6 +207,8 @@ void bind_data(py::module_& m) {
            "Closes the ring and joins the workers; idempotent. Releases the GIL.")
       .def("_inject_failure", [](PyLoader& l, int64_t index) { l.prefetcher->inject_failure(index); },
            py::arg("batch"), "Test hook: assembling this batch index throws DataError (-1: off).")
+      .def("_inject_delay", [](PyLoader& l, uint32_t ms) { l.prefetcher->inject_delay(ms); }, py::arg("ms"),
+           "Test hook: every batch takes `ms` longer to assemble (stop() cuts the wait short).")
       .def_property_readonly("running", [](const PyLoader& l) { return l.prefetcher->running(); })
       .def("fixed_batch_bytes", [](const PyLoader& l, uint64_t n) { return l.assembler->fixed_batch_bytes(n); })
       .def("add_pinned_buffer",

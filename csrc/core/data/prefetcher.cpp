@@ -26,6 +26,7 @@ void Prefetcher::start(uint64_t epoch, uint64_t batch, bool infinite) {
   ring_.clear();
   ring_.resize(depth_);
   closed_ = false;
+  stopping_.store(false);
   exhausted_ = false;
   next_ticket_ = 0;
   consumed_ = 0;
@@ -47,6 +48,7 @@ void Prefetcher::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     closed_ = true;
+    stopping_.store(true);
     workers.swap(workers_);
   }
   space_cv_.notify_all();
@@ -66,6 +68,8 @@ Batch Prefetcher::build(uint64_t ticket) const {
   const uint64_t global = start_batch_ + ticket;
   const uint64_t epoch = start_epoch_ + global / nb;
   const uint64_t index = global % nb;
+  for (uint32_t waited = 0; waited < delay_ms_ && !stopping_.load(); waited += 5)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   if (fail_index_ >= 0 && index == static_cast<uint64_t>(fail_index_))
     throw DataError("injected failure while reading batch " + std::to_string(index) + " (test hook)");
   const uint64_t len = sampler_.batch_len(index);

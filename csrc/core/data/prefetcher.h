@@ -15,6 +15,7 @@
 //    It is idempotent, called by start() and by the destructor, and never needs Python.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -48,6 +49,8 @@ class Prefetcher {
   bool running() const;
   // Test hook (a faulty backend): assembling batch `index` of any epoch throws DataError.
   void inject_failure(int64_t index) { fail_index_ = index; }
+  // Test hook (a slow backend): every batch takes at least `ms` longer; stop() cuts it short.
+  void inject_delay(uint32_t ms) { delay_ms_ = ms; }
   const Sampler& sampler() const { return sampler_; }
 
  private:
@@ -80,7 +83,9 @@ class Prefetcher {
   uint64_t start_epoch_ = 0;
   uint64_t start_batch_ = 0;
   bool infinite_ = false;
-  int64_t fail_index_ = -1;  // set only between runs
+  int64_t fail_index_ = -1;  // test hooks: set only between runs
+  uint32_t delay_ms_ = 0;
+  std::atomic<bool> stopping_{false};  // lets a delayed build notice stop() without the lock
 };
 
 }  // namespace pe::data
