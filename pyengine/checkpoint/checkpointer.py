@@ -21,6 +21,7 @@ from pyengine.checkpoint.cuda_staging import PinnedMirror
 from pyengine.checkpoint.dtypes import code_of_torch
 from pyengine.checkpoint.manifest import Manifest, read_manifest, read_tensors
 from pyengine.checkpoint.overlap import OverlapGuard
+from pyengine.checkpoint.policies import PolicyFeed, SavePolicy
 from pyengine.checkpoint.rng import capture_rng_state, restore_rng_state
 from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names
 from pyengine.checkpoint.stateful import encode_object, load_object
@@ -90,6 +91,8 @@ class Checkpointer:
         directory: where step-N/ checkpoint directories live; created if missing.
         keep_last: committed checkpoints to keep (older ones are pruned after each new
             commit); 0 keeps all.
+        policy: when maybe_save() saves (a pyengine.checkpoint.SavePolicy, e.g.
+            Every(steps=100) or OverheadBudget(0.01)); None: maybe_save() is unavailable.
         max_shards: shard files per checkpoint, written in parallel.
         copy_threads: threads that copy tensors into staging memory.
         max_in_flight: saves that may be unfinished at once.
@@ -98,7 +101,8 @@ class Checkpointer:
             restore them with restore().
     """
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, *, max_shards: int = 4, copy_threads: int = 2,
+    def __init__(self, directory: str | Path, keep_last: int = 3, *, policy: SavePolicy | None = None,
+                 max_shards: int = 4, copy_threads: int = 2,
                  read_threads: int = 4, max_in_flight: int = 1, staging_cap_bytes: int = 0,
                  capture_rng: bool = True) -> None:
         for name, value, low in (("keep_last", keep_last, 0), ("max_shards", max_shards, 1),
@@ -111,6 +115,8 @@ class Checkpointer:
             raise NotADirectoryError(f"checkpoint directory {self.directory} exists and is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = int(keep_last)
+        self.policy = policy
+        self._policy_feed = PolicyFeed(policy) if policy is not None else None
         self.capture_rng = capture_rng
         self._writer_options = dict(max_shards=max_shards, copy_threads=copy_threads, max_in_flight=max_in_flight,
                                     staging_cap_bytes=staging_cap_bytes, keep_last=keep_last)
@@ -159,6 +165,27 @@ class Checkpointer:
         if keep_alive is not None:
             self._guard.add(handle.wait_snapshot)
         self._pending.append(handle)
+        return handle
+
+    def maybe_save(self, step: int, state: Mapping[str, Any], **save_kwargs: Any) -> SaveHandle | None:
+        """Saves `state` when the policy says so; call it once per training step.
+
+        The policy is fed the time between calls (the training step), each save's stall and,
+        once it finishes, its persist time.
+
+        Returns:
+            The save's handle, or None when the policy skipped this step.
+
+        Raises:
+            ValueError: the Checkpointer has no policy, or a bad step; and whatever save() raises.
+        """
+        if self._policy_feed is None:
+            raise ValueError("maybe_save() needs a policy, e.g. "
+                             "Checkpointer(directory, policy=pe.checkpoint.Every(steps=100))")
+        if not self._policy_feed.due(step):
+            return None
+        handle = self.save(step, state, **save_kwargs)
+        self._policy_feed.saved(step, handle)
         return handle
 
     def wait(self) -> None:
