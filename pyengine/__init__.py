@@ -5,9 +5,10 @@ The loader and the checkpointer work inside any PyTorch loop; the rest builds on
 
 from __future__ import annotations
 
-from pyengine import checkpoint, data
+from pyengine import checkpoint, data, train
 from pyengine.checkpoint import Checkpointer
 from pyengine.errors import CheckpointError, DataError, PyengineError
+from pyengine.train import EarlyStopping, Trainer, VirtualEpochs
 
 __version__ = "0.1.0"
 
@@ -15,7 +16,11 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "DataError",
+    "EarlyStopping",
     "PyengineError",
+    "Trainer",
+    "VirtualEpochs",
     "checkpoint",
     "data",
+    "train",
 ]

@@ -1,0 +1,336 @@
+"""pe.Trainer: the training loop of the book's patterns on pyengine's loader and checkpoints.
+
+    trainer = pe.Trainer(model, optimizer, loss_fn, train_loader, val_loader, checkpoint_dir="runs/a")
+    history = trainer.fit(pe.VirtualEpochs(len(dataset), stop_point=10, batch_size=128, num_checkpoints=20))
+
+Each virtual epoch ends with evaluation, early stopping, callbacks and an asynchronous
+checkpoint of the full state (model, optimizer, scheduler, scaler, loader position, RNG,
+step, early-stopping state, history). `fit(resume=True)` continues bit for bit from the
+newest checkpoint that verifies.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pyengine.checkpoint import Checkpointer
+from pyengine.train.callbacks import Callback
+from pyengine.train.early_stopping import EarlyStopping
+from pyengine.train.metrics_log import MetricsLog
+from pyengine.train.step_runner import StepRunner, batch_size_of
+from pyengine.train.virtual_epochs import VirtualEpochs
+
+_ON_NONFINITE = ("raise", "skip", "rollback")
+
+
+class _Progress:
+    """What the Trainer itself must carry across a resume (saved as JSON)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.skipped_steps = 0
+        self.rollbacks = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "history": self.history, "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.history = int(state["step"]), list(state["history"])
+        self.skipped_steps, self.rollbacks = int(state["skipped_steps"]), int(state["rollbacks"])
+
+
+class _Rollback(Exception):
+    """Raised inside the loop to restart it from the restored checkpoint."""
+
+
+class Trainer:
+    """Trains `model` with `loss_fn(model, batch) -> scalar tensor` on batches of `train_loader`.
+
+    Args:
+        train_loader: batches to train on; a pe.data.Loader (its position is checkpointed, so
+            resume is exact) or any iterable (re-iterated when exhausted; resume then restarts
+            its iteration, with a warning).
+        val_loader: evaluated at the end of every virtual epoch ("val_loss").
+        scheduler: stepped after every optimizer step.
+        checkpoint_dir: where checkpoints go; None trains without them.
+        callbacks: Callback objects (checkpointed when they have state_dict).
+        device: where the model and batches go (default: the model's device).
+        grad_clip: clip the gradient norm to this value.
+        amp: mixed precision (bfloat16 autocast on CPU; float16 + GradScaler on CUDA).
+        log_dir: metrics.csv (and TensorBoard when installed) go here.
+        early_stopping: an EarlyStopping; its best weights are restored when fit ends.
+        on_nonfinite: what a NaN or infinite loss does: "raise" (stop with a message),
+            "skip" (drop that step's update) or "rollback" (restore the last checkpoint,
+            scale the learning rate by `nonfinite_lr_factor`, and go on; at most
+            `max_rollbacks` times).
+        keep_last: checkpoints to keep.
+        overlap_checkpoints: copy parameters and optimizer state during the next step
+            (CheckFreq-style) instead of before save() returns.
+        progress: show a tqdm progress bar with loss and throughput.
+        strategy: distribution strategy; only None (one process) is available so far.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], train_loader: Iterable,
+                 val_loader: Iterable | None = None, scheduler: Any = None, checkpoint_dir: str | Path | None = None,
+                 callbacks: Iterable[Callback] = (), device: str | torch.device | None = None,
+                 grad_clip: float | None = None, amp: bool = False, log_dir: str | Path | None = None, *,
+                 early_stopping: EarlyStopping | None = None, on_nonfinite: str = "raise",
+                 nonfinite_lr_factor: float = 0.5, max_rollbacks: int = 3, keep_last: int = 3,
+                 overlap_checkpoints: bool = True, progress: bool = True, strategy: str | None = None) -> None:
+        if strategy is not None:
+            raise NotImplementedError(f"strategy={strategy!r} is not available yet: pe.Trainer runs in one process "
+                                      "(strategy=None)")
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+        if on_nonfinite == "rollback" and checkpoint_dir is None:
+            raise ValueError("on_nonfinite='rollback' needs a checkpoint_dir to roll back to")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {grad_clip}")
+        if not 0 < nonfinite_lr_factor <= 1:
+            raise ValueError(f"nonfinite_lr_factor must be in (0, 1], got {nonfinite_lr_factor}")
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.model = model.to(self.device)
+        self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.callbacks = list(callbacks)
+        self.early_stopping = early_stopping
+        self.on_nonfinite, self.nonfinite_lr_factor, self.max_rollbacks = on_nonfinite, nonfinite_lr_factor, max_rollbacks
+        self.keep_last, self.overlap_checkpoints, self.progress = keep_last, overlap_checkpoints, progress
+        self.log = MetricsLog(log_dir)
+        self.runner = StepRunner(self.model, optimizer, loss_fn, scheduler, self.device, amp, grad_clip)
+        self.stop_training = False
+        self._progress = _Progress()
+        self._ckpt: Checkpointer | None = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (restored on resume)."""
+        return self._progress.step
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self._progress.history
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def fit(self, schedule: VirtualEpochs, resume: bool = True) -> list[dict[str, Any]]:
+        """Trains for schedule.total_steps steps (less if early stopping or a callback stops it).
+
+        Returns:
+            The history: one record per virtual epoch (epoch, step, train_loss, val_loss, lr, ...).
+        """
+        if not isinstance(schedule, VirtualEpochs):
+            raise TypeError(f"schedule must be a pe.VirtualEpochs, got {type(schedule).__name__}")
+        self.stop_training = False
+        self._ckpt = Checkpointer(self.checkpoint_dir, keep_last=self.keep_last) if self.checkpoint_dir else None
+        try:
+            if self._ckpt is not None and resume:
+                self._restore_newest()
+            self.log.rewrite(self.history)
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            while True:
+                try:
+                    self._run(schedule)
+                    break
+                except _Rollback:
+                    self.log.rewrite(self.history)
+            if self._ckpt is not None:
+                self._ckpt.wait()  # the last checkpoint is durable before fit returns
+        finally:
+            if self._ckpt is not None:
+                self._ckpt.close()
+            self.log.close()
+        if self.early_stopping is not None and self.early_stopping.restore_best and self.early_stopping.best_weights:
+            self.model.load_state_dict(self.early_stopping.best_weights)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, self.history)
+        return self.history
+
+    def _run(self, schedule: VirtualEpochs) -> None:
+        bar = _progress_bar(schedule.total_steps, self.step, self.progress)
+        batches = self._batches()
+        loss_sum, loss_count, samples, epoch_start = 0.0, 0, 0, time.perf_counter()
+        try:
+            self.model.train()
+            while self.step < schedule.total_steps and not self.stop_training:
+                batch = next(batches)
+                loss = self.runner.forward(batch)
+                if loss.dim() != 0:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}")
+                if torch.isfinite(loss):
+                    self.runner.backward_and_step(loss)
+                    loss_sum += loss.item()
+                    loss_count += 1
+                else:
+                    self._nonfinite(float(loss.detach()), schedule)  # raises, or skips this update
+                self._progress.step += 1
+                samples += batch_size_of(batch)
+                bar.update(1)
+                if schedule.is_epoch_end(self.step):
+                    seconds = time.perf_counter() - epoch_start
+                    record = self._end_epoch(schedule, loss_sum / max(loss_count, 1), samples / seconds, seconds)
+                    bar.set_postfix(loss=f"{record['train_loss']:.4g}", samples_s=f"{record['samples_per_s']:.0f}")
+                    loss_sum, loss_count, samples, epoch_start = 0.0, 0, 0, time.perf_counter()
+        finally:
+            bar.close()
+
+    def _end_epoch(self, schedule: VirtualEpochs, train_loss: float, samples_per_s: float,
+                   seconds: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"epoch": schedule.epoch_of(self.step) + 1, "step": self.step,
+                                  "train_loss": train_loss, "val_loss": math.nan,
+                                  "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s,
+                                  "seconds": seconds}
+        if self.val_loader is not None:
+            record["val_loss"] = self.evaluate(self.val_loader)
+        self.history.append(record)
+        self.log.append(record)
+        if self.early_stopping is not None and self.early_stopping.update(record, self.step, self.model):
+            self.stop_training = True
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+        if self._ckpt is not None:
+            # Asynchronous: returns after the snapshot; the write overlaps the next epoch.
+            self._ckpt.save(self.step, self._state(), overlap=self.overlap_checkpoints)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> float:
+        """Mean of loss_fn over `loader`, weighted by batch size, in eval mode."""
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(0)  # the same order every time, so the sum is reproducible
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for batch in loader:
+                n = batch_size_of(batch)
+                total += float(self.runner.forward(batch)) * n
+                count += n
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("the validation loader yielded no samples")
+        return total / count
+
+    def _batches(self) -> Iterator[Any]:
+        # A finite loader is re-iterated; pe.data.Loader continues with its next epoch.
+        while True:
+            empty = True
+            for batch in self.train_loader:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("train_loader yielded no batch")
+
+    # ---------------------------------------------------------------------- checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "trainer": self._progress}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler
+        if self.runner.scaler is not None:
+            state["scaler"] = self.runner.scaler
+        if hasattr(self.train_loader, "state_dict") and hasattr(self.train_loader, "load_state_dict"):
+            state["loader"] = self.train_loader
+        if self.early_stopping is not None:
+            state["early_stopping"] = self.early_stopping
+        for i, cb in enumerate(self.callbacks):
+            if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict"):
+                state[f"callback_{i}"] = cb
+        return state
+
+    def _restore_newest(self) -> int | None:
+        assert self._ckpt is not None
+        state = self._state()
+        restored = self._ckpt.restore(state)
+        if restored is not None and "loader" not in state:
+            warnings.warn("train_loader has no state_dict: a resumed run restarts its iteration, so it is not "
+                          "exact; use pe.data.Loader for exact resume", stacklevel=3)
+        return restored
+
+    def _nonfinite(self, value: float, schedule: VirtualEpochs) -> None:
+        where = f"step {self.step + 1} (virtual epoch {schedule.epoch_of(self.step + 1) + 1})"
+        if self.on_nonfinite == "skip":
+            self._progress.skipped_steps += 1
+            return
+        advice = ("try a lower learning rate, grad_clip=1.0, amp=False, or check that batch's data; "
+                  "on_nonfinite='rollback' restores the last checkpoint with a lower learning rate")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"the loss is {value} at {where}: {advice}")
+        assert self._ckpt is not None
+        self._ckpt.wait()  # the newest checkpoint may still be in flight
+        if self._progress.rollbacks >= self.max_rollbacks or self._ckpt.latest_step() is None:
+            reason = "no checkpoint to roll back to" if self._ckpt.latest_step() is None else (
+                f"already rolled back {self._progress.rollbacks} times")
+            raise FloatingPointError(f"the loss is {value} at {where} and {reason}: {advice}")
+        rollbacks = self._progress.rollbacks
+        restored = self._restore_newest()
+        self._progress.rollbacks = rollbacks + 1
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.nonfinite_lr_factor
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * self.nonfinite_lr_factor for lr in self.scheduler.base_lrs]
+        warnings.warn(f"the loss is {value} at {where}; rolled back to step {restored} with the learning rate "
+                      f"scaled by {self.nonfinite_lr_factor}", RuntimeWarning, stacklevel=4)
+        raise _Rollback
+
+    # ------------------------------------------------------------------------ warm start
+
+    def warm_start(self, source: str | Path, step: int | None = None, *, reset_optimizer: bool = True,
+                   strict: bool = True) -> int:
+        """Initialises the weights (and optionally the optimizer) from another run's checkpoint,
+        to retrain on new data. Training state (step, loader, history) starts fresh.
+
+        Returns:
+            The step of the checkpoint used.
+        """
+        with Checkpointer(source) as src:
+            chosen = step if step is not None else src.latest_step()
+            if chosen is None:
+                raise FileNotFoundError(f"no checkpoint in {source} to warm-start from")
+            data = src.load(chosen)
+        if "model" not in data:
+            raise KeyError(f"checkpoint {chosen} in {source} holds no 'model'; it holds {sorted(data)}")
+        self.model.load_state_dict(data["model"], strict=strict)
+        if not reset_optimizer:
+            self.optimizer.load_state_dict(data["optimizer"])
+        return chosen
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but keep training if it is missing
+        enabled = False
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
