@@ -85,7 +85,9 @@ def main() -> None:
     fresh = pe.data.Loader(ds, batch_size=128, shuffle=True, seed=0, drop_last=True)
     fresh.load_state_dict(json.loads(saved))
     resumed = [b["label"].tolist() for b in fresh]
-    print(f"resume from {saved}: {len(resumed)} batches, identical to the uninterrupted run: {resumed == still_to_come}")
+    print(
+        f"resume from {saved}: {len(resumed)} batches, identical to the uninterrupted run: {resumed == still_to_come}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ class DeviceCopier:
 
     The copy of batch k is queued on a side stream when the consumer asks for it; the
     consumer's stream then waits on an event, so the copy overlaps whatever GPU work the
-    consumer queued earlier (the CPU normally runs ahead of the GPU). The host batch (a
+    consumer queued earlier (the CPU normally runs ahead of the GPU); the side stream does
+    not wait for that work, and record_stream() keeps the caching allocator from handing the
+    new tensors' memory back to the side stream before the consumer is done. The host batch (a
     pool buffer) is kept alive until its copy has completed, so the pool cannot hand its
     memory to a worker while the DMA still reads it.
 
@@ -44,9 +46,10 @@ class DeviceCopier:
         while self._in_flight and self._in_flight[0][0].query():
             self._in_flight.popleft()
         consumer = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(consumer)  # earlier consumer work may still read reused device memory
         with torch.cuda.stream(self.stream):
-            out = {k: (v if v.is_pinned() else v.pin_memory()).to(self.device, non_blocking=True) for k, v in host.items()}
+            out = {
+                k: (v if v.is_pinned() else v.pin_memory()).to(self.device, non_blocking=True) for k, v in host.items()
+            }
             done = torch.cuda.Event()
             done.record(self.stream)
         consumer.wait_event(done)

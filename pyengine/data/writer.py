@@ -50,7 +50,12 @@ class _FieldShardFile:
         self.file.seek(0)
         self.file.write(
             fmt.pack_header(
-                self.kind, self.count, sample_bytes, self.payload_bytes, self.crc, self.dtype,
+                self.kind,
+                self.count,
+                sample_bytes,
+                self.payload_bytes,
+                self.crc,
+                self.dtype,
                 self.shape if self.kind == fmt.FIXED else (),
             )
         )
@@ -241,10 +246,8 @@ class DatasetWriter:
 
 
 def _as_1d(x: Any, dtype: np.dtype) -> np.ndarray:
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        arr = np.frombuffer(x, dtype=np.uint8)
-    else:
-        arr = np.asarray(x)
+    raw = isinstance(x, (bytes, bytearray, memoryview))
+    arr = np.frombuffer(x, dtype=np.uint8) if raw else np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"variable-length samples must be 1-D, got shape {arr.shape}")
     return arr.astype(dtype, copy=False)
