@@ -21,6 +21,11 @@ def cross_entropy(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
 
 
+class ReportResume(pe.train.Callback):
+    def on_fit_start(self, trainer: pe.Trainer) -> None:
+        print(f"resumed from step {trainer.step}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("runs/trainer"))
@@ -40,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.total_steps)
     trainer = pe.Trainer(model, opt, cross_entropy, train, scheduler=sched, checkpoint_dir=args.dir / "checkpoints",
-                         log_dir=args.dir / "logs", progress=False, keep_last=2)
+                         log_dir=args.dir / "logs", progress=False, keep_last=2,
+                         callbacks=[ReportResume()])
     print(f"{schedule.total_steps} steps in {schedule.num_checkpoints} virtual epochs of "
           f"{schedule.steps_per_epoch}", flush=True)
     history = trainer.fit(schedule, resume=True)
