@@ -198,6 +198,23 @@ class Recorder(SavePolicy):
         self.persists.append(persist_seconds)
 
 
+def test_feed_pause_reports_finished_saves_and_skips_the_paused_time() -> None:
+    clock, rec = FakeClock(), Recorder()
+    feed = PolicyFeed(rec, clock=clock)
+    for step in (1, 2):
+        clock.now += 0.5
+        if feed.due(step):
+            feed.saved(step, FakeHandle(clock, 0.0, 0.1))
+    clock.now += 0.2  # the save is durable now
+    feed.pause()
+    assert rec.persists == [0.1]
+    clock.now += 60.0  # an evaluation
+    feed.due(3)
+    clock.now += 0.5
+    feed.due(4)
+    assert rec.steps == [0.5, 0.5]  # step 2 -> (paused) -> 3 is not a step
+
+
 def test_feed_times_steps_without_the_save_stall_and_reports_persists() -> None:
     rec = Recorder()
     saved, _, _ = simulate(rec, 5, 0.5, 0.25, 0.6, 0.0)
@@ -233,7 +250,8 @@ def test_bad_configuration_is_refused_with_the_reason(make, message: str) -> Non
 
 def test_a_policy_must_be_a_save_policy(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="SavePolicy"):
-        pe.Checkpointer(tmp_path, policy=10)
+        pe.Checkpointer(tmp_path / "ck", policy=10)
+    assert not (tmp_path / "ck").exists()  # refused before anything was written
     with pytest.raises(TypeError, match="SavePolicy"):
         PolicyFeed(lambda step, now: True)
 

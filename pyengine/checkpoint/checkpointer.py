@@ -110,13 +110,13 @@ class Checkpointer:
                                  ("max_in_flight", max_in_flight, 1), ("staging_cap_bytes", staging_cap_bytes, 0)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.policy = policy
+        self._policy_feed = PolicyFeed(policy) if policy is not None else None  # refuses a bad policy first
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(f"checkpoint directory {self.directory} exists and is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = int(keep_last)
-        self.policy = policy
-        self._policy_feed = PolicyFeed(policy) if policy is not None else None
         self.capture_rng = capture_rng
         self._writer_options = dict(max_shards=max_shards, copy_threads=copy_threads, max_in_flight=max_in_flight,
                                     staging_cap_bytes=staging_cap_bytes, keep_last=keep_last)

@@ -317,8 +317,7 @@ class PolicyFeed:
         now = self._clock()
         if self._last_return is not None:
             self.policy.observe_step(now - self._last_return)
-        while self._pending and self._pending[0].done():  # saves finish in the order they started
-            self.policy.observe_persist(float(self._pending.popleft().stats["persist_seconds"]))
+        self._report_finished()
         self._now = now
         due = bool(self.policy.should_save(int(step), now))
         self._last_return = None if due else now  # a failed save must not make a long "step"
@@ -329,3 +328,13 @@ class PolicyFeed:
         self.policy.observe_save(int(step), self._now, float(handle.stall_seconds))
         self._pending.append(handle)
         self._last_return = self._clock()
+
+    def pause(self) -> None:
+        """Call before time that is not training (evaluation, a benchmark's baseline): reports the
+        saves that finished, and the time until the next `due()` is not counted as a step."""
+        self._report_finished()
+        self._last_return = None
+
+    def _report_finished(self) -> None:
+        while self._pending and self._pending[0].done():  # saves finish in the order they started
+            self.policy.observe_persist(float(self._pending.popleft().stats["persist_seconds"]))

@@ -1,11 +1,11 @@
-"""The `pyengine` command: `pyengine demo`, `pyengine inspect DIR`."""
+"""The `pyengine` command: `pyengine demo`, `pyengine inspect DIR`, `pyengine bench`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pyengine.cli import demo, inspect
+from pyengine.cli import bench, demo, inspect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
     inspect.add_parser(commands)
+    bench.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 

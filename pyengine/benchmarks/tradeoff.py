@@ -1,0 +1,122 @@
+"""From the frequency study's measurements to the trade-off: overhead against interval, expected
+work lost per failure, total expected waste, the Young/Daly optimum and OverheadBudget's choice.
+
+Model (reference notes, section 6): with interval T = k * step, a failure loses on average
+T/2 of work plus the persist latency (the newest durable checkpoint is older than the newest
+started one) plus the restart time R. With failures every M seconds on average, the expected
+waste as a fraction of training time is overhead(k) + (T/2 + persist + R) / M. The cost C of
+one checkpoint in Young/Daly is the training time it takes (its stall and its interference),
+measured here as the extra time of the checkpointed blocks per save.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pyengine.benchmarks.frequency import BUDGET
+from pyengine.checkpoint.policies import daly_interval, young_interval
+
+CSV_FIELDS = ["model", "method", "interval", "steps_per_block", "saves_per_block", "overhead_pct_median",
+              "overhead_pct_min", "overhead_pct_max", "stall_ms", "persist_ms", "lost_per_failure_s",
+              "expected_waste_pct"]
+
+
+def analyse(results: dict[str, Any]) -> dict[str, Any]:
+    """Adds `rows` (one per method and interval) and `methods` (cost and Young/Daly) to each model."""
+    cfg = results["config"]
+    for model in results["models"].values():
+        step = statistics.median(s["baseline_step_seconds"] for run in model["runs"] for s in run["rounds"])
+        model["baseline_step_seconds"] = step
+        model["rows"] = [_row(run, step, cfg) for run in model["runs"]]
+        model["methods"] = {}
+        for method in dict.fromkeys(r["method"] for r in model["runs"] if r["interval"] != BUDGET):
+            model["methods"][method] = _optimum(model, method, step, cfg)
+    return results
+
+
+def _row(run: dict[str, Any], step: float, cfg: dict[str, Any]) -> dict[str, Any]:
+    rounds = run["rounds"]
+    overheads = [s["seconds"] / (s["steps"] * s["baseline_step_seconds"]) - 1 for s in rounds]
+    stalls = [x for s in rounds for x in s["stalls"]]
+    persists = [x for s in rounds for x in s["persists"]]
+    persist = statistics.median(persists) if persists else 0.0
+    interval = rounds[-1].get("interval") if run["interval"] == BUDGET else run["interval"]
+    overhead = statistics.median(overheads)
+    row = {"method": run["method"], "interval": run["interval"], "chosen_interval": interval,
+           "steps_per_block": rounds[0]["steps"], "saves_per_block": statistics.median(s["saves"] for s in rounds),
+           "overhead": overhead, "overhead_min": min(overheads), "overhead_max": max(overheads),
+           "stall_s": statistics.median(stalls) if stalls else 0.0, "persist_s": persist}
+    if interval:
+        lost = interval * step / 2 + persist + cfg["restart_seconds"]
+        row.update(lost_per_failure_s=lost, expected_waste=max(overhead, 0.0) + lost / cfg["mtbf_seconds"])
+    return row
+
+
+def _optimum(model: dict[str, Any], method: str, step: float, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Pools the extra seconds per save over the intervals whose saves do not queue (k * step >=
+    persist), then applies Young and Daly to that cost."""
+    rows = [r for r in model["rows"] if r["method"] == method]
+    persist = statistics.median(r["persist_s"] for r in rows)
+    runs = [r for r in model["runs"] if r["method"] == method]
+    eligible = [r for r in runs if r["interval"] * step >= persist] or runs
+    extra = sum(s["seconds"] - s["steps"] * s["baseline_step_seconds"] for r in eligible for s in r["rounds"])
+    saves = sum(s["saves"] for r in eligible for s in r["rounds"])
+    cost = max(extra / saves, 0.0) if saves else 0.0
+    mtbf = cfg["mtbf_seconds"]
+    daly = max(daly_interval(cost, mtbf), persist)
+    return {"cost_s": cost, "persist_s": persist, "young_s": young_interval(cost, mtbf), "daly_s": daly,
+            "daly_steps": daly / step,
+            "daly_expected_waste": expected_waste(cost, daly, persist, mtbf, cfg["restart_seconds"])}
+
+
+def expected_waste(cost: float, interval_s: float, persist: float, mtbf: float, restart: float) -> float:
+    """The model's waste fraction at an interval: C/T + (T/2 + persist + R)/M."""
+    return cost / interval_s + (interval_s / 2 + persist + restart) / mtbf
+
+
+def table(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    out = []
+    for name, m in results["models"].items():
+        out.append(f"model {name}: {m['params'] / 1e6:.1f}M params + Adam = {m['bytes'] / 1e6:.0f} MB, "
+                   f"{m['baseline_step_seconds'] * 1e3:.1f} ms a step without checkpoints; "
+                   f"assumed MTBF {cfg['mtbf_seconds']:g} s, restart {cfg['restart_seconds']:g} s; "
+                   f"{cfg['repeats']} round(s)")
+        out.append(f"  {'method':<24}{'every':>6}{'overhead % median [min, max]':>32}{'stall ms':>10}"
+                   f"{'persist ms':>12}{'lost/fail s':>13}{'exp. waste %':>14}")
+        for r in m["rows"]:
+            every = f"{r['chosen_interval']}*" if r["interval"] == BUDGET else str(r["interval"])
+            spread = f"{r['overhead'] * 100:7.2f} [{r['overhead_min'] * 100:6.2f}, {r['overhead_max'] * 100:6.2f}]"
+            waste = f"{r['expected_waste'] * 100:14.2f}" if "expected_waste" in r else f"{'-':>14}"
+            lost = f"{r['lost_per_failure_s']:13.2f}" if "lost_per_failure_s" in r else f"{'-':>13}"
+            out.append(f"  {r['method']:<24}{every:>6}{spread:>32}{r['stall_s'] * 1e3:10.1f}"
+                       f"{r['persist_s'] * 1e3:12.1f}{lost}{waste}")
+        for method, o in m["methods"].items():
+            out.append(f"  Young/Daly for {method:<15} cost per save {o['cost_s'] * 1e3:7.1f} ms -> every "
+                       f"{o['daly_s']:6.2f} s = {o['daly_steps']:7.1f} steps (Young {o['young_s']:.2f} s), "
+                       f"model waste {o['daly_expected_waste'] * 100:.2f}%")
+        if any(r["interval"] == BUDGET for r in m["rows"]):
+            out.append("  * the interval OverheadBudget had chosen by the end of the run (it adapts online)")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for name, m in results["models"].items():
+            for r in m["rows"]:
+                writer.writerow({
+                    "model": name, "method": r["method"], "interval": r["chosen_interval"],
+                    "steps_per_block": r["steps_per_block"], "saves_per_block": r["saves_per_block"],
+                    "overhead_pct_median": round(r["overhead"] * 100, 3),
+                    "overhead_pct_min": round(r["overhead_min"] * 100, 3),
+                    "overhead_pct_max": round(r["overhead_max"] * 100, 3),
+                    "stall_ms": round(r["stall_s"] * 1e3, 3), "persist_ms": round(r["persist_s"] * 1e3, 3),
+                    "lost_per_failure_s": round(r.get("lost_per_failure_s", float("nan")), 4),
+                    "expected_waste_pct": round(r.get("expected_waste", float("nan")) * 100, 3),
+                })
