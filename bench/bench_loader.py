@@ -201,7 +201,7 @@ def main() -> None:
         rows.append((what, value, note))
         print(f"{what:<58} {value:>16}  {note}", flush=True)
 
-    print(f"cores: {os.cpu_count()}, torch {torch.__version__}, batch {BATCH}\n")
+    print(f"cores: {os.cpu_count()}, torch {torch.__version__}, batch {BATCH}, load average {os.getloadavg()[0]:.2f}\n")
     mc1, mc2 = memcpy_gbps(256 << 20, 1), memcpy_gbps(256 << 20, 2)
     row("memcpy 256 MiB, 1 thread", f"{mc1:.2f} GB/s")
     row("memcpy 256 MiB, 2 threads", f"{mc2:.2f} GB/s")
@@ -231,6 +231,18 @@ def main() -> None:
     t = time.perf_counter()
     next(iter(loader))
     row("3 KB: pe Loader time to first batch", f"{(time.perf_counter() - t) * 1e3:.2f} ms")
+    resumed = pe.data.Loader(ds, batch_size=BATCH, threads=2)
+    state = {**loader.state_dict(), "batch": len(loader) - 1}
+    t = time.perf_counter()
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    row(
+        "3 KB: resume at the last batch of the epoch + first batch",
+        f"{(time.perf_counter() - t) * 1e3:.2f} ms",
+        f"O(1): no replay of {len(loader) - 1} batches",
+    )
+    loader.close()
+    resumed.close()
     del x, y
 
     # ~150 KB samples.
@@ -263,8 +275,9 @@ def main() -> None:
                 runs.append(stall_fraction(loader, step, steps))
                 loader.close()
             frac, step_s = sorted(runs)[1]
+            oversubscribed = " (workers + step > cores)" if threads >= (os.cpu_count() or 2) else ""
             row(
-                f"stall: pe Loader threads={threads}, MLP hidden={hidden}",
+                f"stall: pe Loader threads={threads}, MLP hidden={hidden}{oversubscribed}",
                 f"{frac:.2%}",
                 f"median of 3 ({', '.join(f'{r[0]:.2%}' for r in runs)}); step {step_s * 1e3:.1f} ms",
             )
@@ -285,6 +298,7 @@ def main() -> None:
             f"RSS +{rss_mib() - before:.1f} MiB after an epoch",
         )
         del lo
+    row("load average (1 min) at the end", f"{os.getloadavg()[0]:.2f}", "other processes share these cores")
     row("peak RSS of this run", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -168,3 +168,9 @@ def test_missing_pieces_are_data_errors(written, tmp_path):
     (empty / "dataset.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(pe.DataError, match="not a pyengine dataset manifest"):
         pe.data.Dataset(empty)
+
+
+def test_progress_line_reports_samples_written(tmp_path, capsys):
+    write_dataset(tmp_path / "p", {"x": np.zeros((300, 2))}, progress=True)
+    err = capsys.readouterr().err
+    assert f"writing {tmp_path / 'p'}" in err and "300/300 samples" in err
