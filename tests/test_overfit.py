@@ -202,3 +202,24 @@ def test_whole_domain_rejects_bad_input():
         fit_whole_domain(heat_mlp(), data.inputs, data.targets, tolerance=0.0)
     with pytest.raises(ValueError, match="batch_size"):
         fit_whole_domain(heat_mlp(), data.inputs, data.targets, tolerance=0.1, batch_size=10_000)
+
+
+def test_whole_domain_steps_schedulers():
+    data = heat_equation(8, 8)
+    made = []
+
+    def step_lr(opt):
+        made.append(opt)
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+
+    fit_whole_domain(heat_mlp(), data.inputs, data.targets, tolerance=1e-6, max_steps=30, lr=1e-2, scheduler=step_lr)
+    assert made[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)  # stepped after every step
+
+    def on_plateau(opt):
+        made.append(opt)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, eps=0.0)
+
+    sgd = functools.partial(torch.optim.SGD, lr=1e-12)  # too small to move the error: a plateau
+    fit_whole_domain(heat_mlp(), data.inputs, data.targets, tolerance=1e-6, max_steps=30, optimizer=sgd,
+                     scheduler=on_plateau, check_every=10)  # fmt: skip
+    assert made[1].param_groups[0]["lr"] < 1e-12  # stepped with the max error at each check

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], object]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 @dataclass
@@ -105,7 +105,7 @@ def fit_whole_domain(
     if not params:
         raise ValueError("the model has no trainable parameter")
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    sched = scheduler(opt) if scheduler is not None else None
+    sched: Any = scheduler(opt) if scheduler is not None else None
     on_plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
     gen = torch.Generator().manual_seed(seed)
     order, cursor = None, 0
@@ -133,7 +133,7 @@ def fit_whole_domain(
                     f"reached: max |error| {err:.3g} <= {tolerance:g} over all {len(inputs)} points after {step} steps",
                 )
             if on_plateau:
-                sched.step(err)  # type: ignore[union-attr]
+                sched.step(err)
         if step == max_steps:
             break
         if batch_size is None:
@@ -149,7 +149,7 @@ def fit_whole_domain(
         loss.backward()
         opt.step()
         if sched is not None and not on_plateau:
-            sched.step()  # type: ignore[attr-defined]
+            sched.step()
     final = history[-1][1]
     return WholeDomainReport(
         False,

@@ -33,9 +33,7 @@ def replace_head(model: nn.Module, new_head: nn.Module, attr: str, *, match_devi
         children = [n for n, _ in model.named_children()]
         raise AttributeError(f"{type(model).__name__} has no submodule {attr!r}; its children are {children}") from None
     if match_device:
-        ref = next(iter(old.parameters()), None)
-        if ref is None:
-            ref = next(iter(old.buffers()), None)
+        ref = next(iter([*old.parameters(), *old.buffers()]), None)
         if ref is not None:
             new_head.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     setattr(parent, name, new_head)
