@@ -57,7 +57,7 @@ def test_without_a_source_checkout_script_parts_say_where_they_live(tmp_path) ->
 
 
 def run_tiny_study(out: Path, *extra: str) -> int:
-    return main(["bench", "checkpoint-frequency", "--out", str(out), "--models", "3M", "--methods", "pe",
+    return main(["bench", "checkpoint-frequency", "--out", str(out), "--models", "3M", "--methods", "none", "pe",
                  "pe-overlap", "torch.save", "--intervals", "1", "2", "--repeats", "1", "--block-seconds", "0.01",
                  *extra])
 
@@ -68,6 +68,7 @@ def test_frequency_part_writes_table_csv_json_and_plots(tmp_path, capsys) -> Non
     assert run_tiny_study(out) == 0
     printed = capsys.readouterr().out
     assert "Young/Daly for pe" in printed and "pe+OverheadBudget(0.01)" in printed
+    assert "A/A" in printed and "Young/Daly for none" not in printed
     rows = list(csv.DictReader((out / "frequency.csv").open()))
     assert {(r["method"], r["interval"]) for r in rows} >= {("pe", "1"), ("pe", "2"), ("pe-overlap", "2"),
                                                             ("torch.save", "1")}

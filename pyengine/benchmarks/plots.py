@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pyengine.benchmarks.frequency import BUDGET
+from pyengine.benchmarks.savers import CONTROL
 from pyengine.benchmarks.tradeoff import expected_waste
 
 
@@ -44,7 +45,7 @@ def plot_frequency(results: dict[str, Any], outdir: Path) -> list[Path]:
 def _by_method(model: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in model["rows"]:
-        if r["interval"] != BUDGET:
+        if r["interval"] != BUDGET and r["method"] != CONTROL:
             groups.setdefault(r["method"], []).append(r)
     return groups
 
@@ -62,6 +63,10 @@ def _overhead_panel(ax: Any, name: str, model: dict[str, Any], cfg: dict[str, An
         ax.errorbar(ks, med, yerr=err, marker="o", capsize=3, label=method)
     for r in _budget_rows(model):
         ax.plot([r["chosen_interval"]], [r["overhead"] * 100], "k*", markersize=14, label=r["method"])
+    for r in model["rows"]:
+        if r["method"] == CONTROL:
+            ax.axhspan(r["overhead_min"] * 100, r["overhead_max"] * 100, color="grey", alpha=0.2,
+                       label="A/A control: measurement noise")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1.0)  # tens of percent and fractions of one on one axis

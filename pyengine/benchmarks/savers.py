@@ -20,7 +20,8 @@ import pyengine as pe
 from pyengine.benchmarks.workload import Workload
 from pyengine.checkpoint.policies import OverheadBudget, PolicyFeed
 
-METHODS = ("torch.save", "dcp.async_save", "pe", "pe-overlap")
+METHODS = ("none", "torch.save", "dcp.async_save", "pe", "pe-overlap")
+CONTROL = "none"  # the A/A control: blocks "with checkpoints" that save nothing
 
 
 class Saver:
@@ -44,6 +45,15 @@ class Saver:
 
     def close(self) -> None:
         self.finish()
+
+
+class NoSave(Saver):
+    """Saves nothing: the A/A control, whose measured "overhead" is the noise of the measurement."""
+
+    name = CONTROL
+
+    def save(self, step: int) -> float:
+        return 0.0
 
 
 class TorchSave(Saver):
@@ -170,6 +180,8 @@ class PeBudgetSave(PeSave):
 
 
 def make_saver(method: str, workload: Workload, directory: Path) -> Saver:
+    if method == "none":
+        return NoSave(workload, directory)
     if method == "torch.save":
         return TorchSave(workload, directory)
     if method == "dcp.async_save":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyengine.benchmarks.frequency import BUDGET
+from pyengine.benchmarks.savers import CONTROL
 from pyengine.checkpoint.policies import daly_interval, young_interval
 
 CSV_FIELDS = ["model", "method", "interval", "steps_per_block", "saves_per_block", "overhead_pct_median",
@@ -32,7 +33,8 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         model["baseline_step_seconds"] = step
         model["rows"] = [_row(run, step, cfg) for run in model["runs"]]
         model["methods"] = {}
-        for method in dict.fromkeys(r["method"] for r in model["runs"] if r["interval"] != BUDGET):
+        for method in dict.fromkeys(r["method"] for r in model["runs"] if r["interval"] != BUDGET
+                                    and r["method"] != CONTROL):
             model["methods"][method] = _optimum(model, method, step, cfg)
     return results
 
@@ -49,7 +51,7 @@ def _row(run: dict[str, Any], step: float, cfg: dict[str, Any]) -> dict[str, Any
            "steps_per_block": rounds[0]["steps"], "saves_per_block": statistics.median(s["saves"] for s in rounds),
            "overhead": overhead, "overhead_min": min(overheads), "overhead_max": max(overheads),
            "stall_s": statistics.median(stalls) if stalls else 0.0, "persist_s": persist}
-    if interval:
+    if interval and run["method"] != CONTROL:
         lost = interval * step / 2 + persist + cfg["restart_seconds"]
         row.update(lost_per_failure_s=lost, expected_waste=max(overhead, 0.0) + lost / cfg["mtbf_seconds"])
     return row
@@ -83,12 +85,13 @@ def table(results: dict[str, Any]) -> str:
     for name, m in results["models"].items():
         out.append(f"model {name}: {m['params'] / 1e6:.1f}M params + Adam = {m['bytes'] / 1e6:.0f} MB, "
                    f"{m['baseline_step_seconds'] * 1e3:.1f} ms a step without checkpoints; "
-                   f"assumed MTBF {cfg['mtbf_seconds']:g} s, restart {cfg['restart_seconds']:g} s; "
-                   f"{cfg['repeats']} round(s)")
+                   f"{cfg.get('torch_threads', 1)} torch thread(s); assumed MTBF {cfg['mtbf_seconds']:g} s, "
+                   f"restart {cfg['restart_seconds']:g} s; {cfg['repeats']} round(s)")
         out.append(f"  {'method':<24}{'every':>6}{'overhead % median [min, max]':>32}{'stall ms':>10}"
                    f"{'persist ms':>12}{'lost/fail s':>13}{'exp. waste %':>14}")
         for r in m["rows"]:
             every = f"{r['chosen_interval']}*" if r["interval"] == BUDGET else str(r["interval"])
+            every = "A/A" if r["method"] == CONTROL else every
             spread = f"{r['overhead'] * 100:7.2f} [{r['overhead_min'] * 100:6.2f}, {r['overhead_max'] * 100:6.2f}]"
             waste = f"{r['expected_waste'] * 100:14.2f}" if "expected_waste" in r else f"{'-':>14}"
             lost = f"{r['lost_per_failure_s']:13.2f}" if "lost_per_failure_s" in r else f"{'-':>13}"
@@ -98,6 +101,8 @@ def table(results: dict[str, Any]) -> str:
             out.append(f"  Young/Daly for {method:<15} cost per save {o['cost_s'] * 1e3:7.1f} ms -> every "
                        f"{o['daly_s']:6.2f} s = {o['daly_steps']:7.1f} steps (Young {o['young_s']:.2f} s), "
                        f"model waste {o['daly_expected_waste'] * 100:.2f}%")
+        if any(r["method"] == CONTROL for r in m["rows"]):
+            out.append("  A/A: blocks that save nothing, measured like the others: the noise of this measurement")
         if any(r["interval"] == BUDGET for r in m["rows"]):
             out.append("  * the interval OverheadBudget had chosen by the end of the run (it adapts online)")
         out.append("")

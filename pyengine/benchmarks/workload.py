@@ -11,7 +11,7 @@ import torch
 
 # name -> (width, layers): 3.1M, 25.2M and 50.4M parameters.
 MODEL_SIZES: dict[str, tuple[int, int]] = {"3M": (1024, 3), "25M": (2048, 6), "50M": (2048, 12)}
-BATCH = 128  # ~30 ms a step for the 3M model on two cores
+BATCH = 64  # ~30 ms a step for the 3M model on one torch thread
 
 
 @dataclass

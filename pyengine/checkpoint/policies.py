@@ -164,7 +164,13 @@ class _SaveCost:
 
     @property
     def step_seconds(self) -> float | None:
-        return statistics.median(self.clean_steps) if self.clean_steps else None
+        """The mean clean step: costs are sums of time, so a mean (not a median, which a busy
+        machine's skewed step times pull low) is what a step costs; pauses over 3x the median
+        (evaluation, a stop in a debugger) are left out."""
+        if not self.clean_steps:
+            return None
+        cap = 3.0 * statistics.median(self.clean_steps)
+        return statistics.fmean(t for t in self.clean_steps if t <= cap)
 
     @property
     def cost_seconds(self) -> float | None:

@@ -34,6 +34,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     f.add_argument("--budget", type=float, default=None, help="OverheadBudget fraction to run (default 0.01)")
     f.add_argument("--mtbf", type=float, default=None, help="assumed MTBF in seconds, for expected waste")
     f.add_argument("--restart", type=float, default=None, help="assumed restart time in seconds")
+    f.add_argument("--torch-threads", type=int, default=None, help="threads of the training step (default 1)")
     p.set_defaults(run=run)
 
 
@@ -43,7 +44,8 @@ def frequency_config(args: argparse.Namespace) -> FrequencyConfig:
     overrides = {name: value for name, value in (
         ("models", args.models), ("methods", args.methods), ("intervals", args.intervals),
         ("repeats", args.repeats), ("block_seconds", args.block_seconds), ("budget", args.budget),
-        ("mtbf_seconds", args.mtbf), ("restart_seconds", args.restart)) if value is not None}
+        ("mtbf_seconds", args.mtbf), ("restart_seconds", args.restart),
+        ("torch_threads", args.torch_threads)) if value is not None}
     return dataclasses.replace(base, **overrides)
 
 
