@@ -239,12 +239,14 @@ def test_gradual_unfreezing_resumes_bit_exactly(tmp_path, named, stop_at):
     torch.manual_seed(123)
     model, opt, unfreezer, state = build(named)
     run(model, opt, unfreezer, 0, stop_at)
-    pe.Checkpointer(tmp_path).save(stop_at, state).wait()
+    with pe.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(stop_at, state).wait()
     run(model, opt, unfreezer, stop_at, stop_at + 2)  # work lost to a crash
 
     model, opt, unfreezer, state = build(named)  # a fresh process: new objects
     torch.manual_seed(999)
-    step = pe.Checkpointer(tmp_path).restore(state)
+    with pe.Checkpointer(tmp_path) as ckpt:
+        step = ckpt.restore(state)
     assert step == stop_at
     assert len(opt.param_groups) == 1 + len(unfreezer.trainable_groups)
     run(model, opt, unfreezer, step, total)
