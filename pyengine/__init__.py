@@ -5,7 +5,7 @@ The loader and the checkpointer work inside any PyTorch loop; the rest builds on
 
 from __future__ import annotations
 
-from pyengine import checkpoint, data, train, transfer
+from pyengine import checkpoint, data, train, transfer, tune
 from pyengine.checkpoint import Checkpointer
 from pyengine.errors import CheckpointError, DataError, PyengineError
 from pyengine.train import EarlyStopping, Trainer, VirtualEpochs
@@ -24,4 +24,5 @@ __all__ = [
     "data",
     "train",
     "transfer",
+    "tune",
 ]

@@ -1,0 +1,130 @@
+"""Log expected improvement and its maximisation over the unit cube.
+
+LogEI rather than EI: once the incumbent is good, EI underflows to exactly 0 over most of the
+cube (phi(z) is 0 in float64 below z ~ -38) and its gradient vanishes well before that, so a
+gradient optimiser started there never moves. Computing log h(z), h(z) = phi(z) + z Phi(z),
+through erfcx keeps value and gradient finite for any z (Ament et al., NeurIPS 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from pyengine.tune.gp import GaussianProcess
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+_SQRT_HALF_PI = math.sqrt(math.pi / 2)
+
+
+def log_h(z: torch.Tensor) -> torch.Tensor:
+    """log(phi(z) + z Phi(z)), finite with a finite gradient for every finite z."""
+    # Each branch gets inputs inside its own domain so that torch.where never sees NaN gradients.
+    z_hi = z.clamp_min(-1.0)
+    direct = torch.log(torch.exp(-0.5 * z_hi * z_hi) / math.sqrt(2 * math.pi) + z_hi * torch.special.ndtr(z_hi))
+    z_mid = z.clamp(-1e6, -1.0)
+    # h(z) = phi(z) * (1 + z * Phi(z)/phi(z)), and Phi(z)/phi(z) = sqrt(pi/2) * erfcx(-z/sqrt(2)).
+    inner = 1.0 + z_mid * _SQRT_HALF_PI * torch.special.erfcx(-z_mid / math.sqrt(2.0))
+    mid = -0.5 * z_mid * z_mid - _LOG_SQRT_2PI + torch.log(inner.clamp_min(1e-300))
+    # Far tail: 1 + z Phi/phi ~ 1/z^2 cancels catastrophically, so use the asymptote.
+    z_lo = z.clamp_max(-1e6)
+    tail = -0.5 * z_lo * z_lo - _LOG_SQRT_2PI - 2.0 * torch.log(-z_lo)
+    return torch.where(z > -1.0, direct, torch.where(z > -1e6, mid, tail))
+
+
+def log_expected_improvement(gp: GaussianProcess, x: torch.Tensor, best: float) -> torch.Tensor:
+    """log E[max(best - f(x), 0)] under the posterior (minimisation), one value per row of `x`."""
+    mean, var = gp.posterior(x)
+    sigma = var.sqrt()
+    return torch.log(sigma) + log_h((best - mean) / sigma)
+
+
+def _to_unbounded(x: torch.Tensor) -> torch.Tensor:
+    # dx/du vanishes at the bounds, so a start exactly on a bound could never leave it; start
+    # a hair inside instead.
+    return torch.arccos((1.0 - 2.0 * x).clamp(-1.0 + 2e-3, 1.0 - 2e-3)) / math.pi
+
+
+def _to_cube(u: torch.Tensor) -> torch.Tensor:
+    # x = (1 - cos(pi u)) / 2 maps the real line onto [0, 1] smoothly, so an unconstrained
+    # L-BFGS (torch has no L-BFGS-B) can still reach the bounds.
+    return 0.5 - 0.5 * torch.cos(math.pi * u)
+
+
+def maximize(
+    acq: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    generator: torch.Generator,
+    incumbents: torch.Tensor | None = None,
+    n_raw: int = 2048,
+    n_starts: int = 10,
+    max_iter: int = 200,
+    round_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    discrete: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximise `acq` over [0, 1]^dim by multi-start L-BFGS from quasi-random raw samples.
+
+    Starts: the best of `n_raw` scrambled Sobol points, roulette draws among them with weights
+    proportional to EI (diversity), and the incumbents (late gains come from refining them).
+    All starts are optimised jointly in one batch, which is valid because the summed objective
+    separates across starts.
+
+    Args:
+        acq: maps an (m, dim) tensor to (m,) values, differentiably.
+        dim: dimension of the cube.
+        generator: source of randomness (seeded by the caller).
+        incumbents: (k, dim) points to search around, e.g. the best observations.
+        n_raw: number of Sobol raw samples.
+        n_starts: number of local searches.
+        max_iter: L-BFGS iterations.
+        round_fn: maps raw points to valid configurations (integers, one-hot blocks); raw
+            points are scored after rounding, since the GP only ever saw valid ones.
+        discrete: boolean mask of coordinates the local searches keep fixed at their start.
+
+    Returns:
+        (candidates, values): the optimised points and their acquisition values, best first.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    raw = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(n_raw, dtype=torch.float64)
+    if round_fn is not None:
+        raw = round_fn(raw)
+    with torch.no_grad():
+        vals = torch.cat([acq(chunk) for chunk in raw.split(1024)])
+    vals = torch.nan_to_num(vals, nan=-math.inf)
+    first = int(torch.argmax(vals))
+    # Roulette over the raw points with weights proportional to EI itself (Optuna's rule); the
+    # incumbents always start a search too, since late gains come from refining them.
+    weights = torch.exp(vals - vals[first]).nan_to_num(0.0)
+    weights[first] = 0.0
+    n_extra = min(n_starts - 1 - (0 if incumbents is None else len(incumbents)), int((weights > 0).sum()))
+    picks = [torch.tensor([first])]
+    if n_extra > 0:
+        picks.append(torch.multinomial(weights, n_extra, generator=generator))
+    starts = raw[torch.cat(picks)]
+    start_vals = vals[torch.cat(picks)]
+    if incumbents is not None and len(incumbents):
+        with torch.no_grad():
+            starts = torch.cat([starts, incumbents])
+            start_vals = torch.cat([start_vals, torch.nan_to_num(acq(incumbents), nan=-math.inf)])
+    fixed = torch.zeros(dim, dtype=torch.bool) if discrete is None else discrete
+    u = _to_unbounded(starts).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -acq(torch.where(fixed, starts, _to_cube(u))).sum()
+        loss.backward()
+        return loss
+
+    if not bool(fixed.all()):
+        opt.step(closure)
+    with torch.no_grad():
+        x = torch.where(fixed, starts, _to_cube(u))
+        fx = torch.nan_to_num(acq(x), nan=-math.inf)
+        # A start the line search made worse keeps its raw point.
+        worse = fx < start_vals
+        x[worse], fx[worse] = starts[worse], start_vals[worse]
+    order = torch.argsort(fx, descending=True)
+    return x[order], fx[order]

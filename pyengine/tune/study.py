@@ -1,0 +1,351 @@
+"""Study: runs an objective over a search space with a sampler, a storage and an optional pruner."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from pyengine.tune.pruners import Pruner
+from pyengine.tune.samplers import History, Sampler, make_sampler
+from pyengine.tune.space import Param, Space
+from pyengine.tune.storage import Storage
+from pyengine.tune.trial import FrozenTrial, Trial, TrialPruned, TrialState
+
+log = logging.getLogger(__name__)
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+class _Budget:
+    """How many new trials this `optimize` call may still create, shared by its threads."""
+
+    def __init__(self, n_trials: int | None, timeout: float | None) -> None:
+        self._left = n_trials
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                return False
+            if self._left is not None:
+                if self._left <= 0:
+                    return False
+                self._left -= 1
+            return True
+
+
+class Study:
+    """A hyperparameter search whose every trial is recorded in storage as it happens.
+
+    Concurrency contract: `optimize(n_workers=k)` runs k threads in this process; several
+    processes may run `optimize` on the same storage file at the same time. Choosing a new
+    point happens inside one database write transaction that also inserts the trial, so every
+    worker sees every running trial when it chooses (no two get the same configuration). A
+    trial left RUNNING by a dead worker (same host: its pid is gone; any host: no heartbeat
+    for `grace_period_s`) is re-queued up to `max_retries` times, then marked FAILED; a
+    re-queued trial resumes from its own checkpoint directory.
+
+    Args:
+        space: dict of parameter name -> `Uniform` / `LogUniform` / `IntUniform` / `Choice`.
+        direction: "minimize" or "maximize".
+        sampler: "grid", "random", "bayes" or a `Sampler`.
+        storage: None (in memory) or a SQLite file path; reopening a file continues its study.
+        seed: seeds every sampler decision (per trial, from (seed, trial number)).
+        pruner: None, `MedianPruner()` or `ASHAPruner()`.
+        study_name: several studies may share one file under different names.
+        checkpoint_root: where trial checkpoint directories go (default: beside the storage
+            file, or a temporary directory for an in-memory study).
+        heartbeat_interval_s: how often running trials prove their worker is alive.
+        grace_period_s: silence after which another host's running trial counts as dead.
+        max_retries: re-queues of a trial whose worker died before it is marked FAILED.
+    """
+
+    def __init__(
+        self,
+        space: Mapping[str, Param] | Space,
+        direction: str = "minimize",
+        sampler: str | Sampler = "bayes",
+        storage: str | Path | None = None,
+        seed: int = 0,
+        pruner: Pruner | None = None,
+        *,
+        study_name: str = "default",
+        checkpoint_root: str | Path | None = None,
+        heartbeat_interval_s: float = 10.0,
+        grace_period_s: float = 60.0,
+        max_retries: int = 1,
+    ) -> None:
+        if direction not in ("minimize", "maximize"):
+            raise ValueError(f"direction={direction!r}: expected 'minimize' or 'maximize'")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} must be an int")
+        if pruner is not None and not isinstance(pruner, Pruner):
+            raise ValueError(f"pruner={pruner!r}: expected None, pe.tune.MedianPruner() or pe.tune.ASHAPruner()")
+        self.space = space if isinstance(space, Space) else Space(space)
+        self.direction, self.seed, self.pruner = direction, seed, pruner
+        self.sampler = make_sampler(sampler)
+        self._sign = 1.0 if direction == "minimize" else -1.0
+        self._storage = Storage(storage)
+        self._storage.open_study(study_name, direction, self.space.to_json(), seed)
+        if checkpoint_root is None:
+            checkpoint_root = (
+                tempfile.mkdtemp(prefix="pyengine-study-")
+                if storage is None
+                else Path(storage).with_name(Path(storage).stem + f"-{study_name}-trials")
+            )
+        self.checkpoint_root = Path(checkpoint_root)
+        self.heartbeat_interval_s, self.grace_period_s, self.max_retries = (
+            heartbeat_interval_s,
+            grace_period_s,
+            max_retries,
+        )
+        self._running: set[int] = set()
+        self._running_lock = threading.Lock()
+
+    # ---- results -------------------------------------------------------------------------
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        """Every trial so far, in order of number (a snapshot)."""
+        return self._storage.trials()
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        """The completed trial with the best value.
+
+        Raises:
+            ValueError: if no trial has completed yet.
+        """
+        trials = self.trials
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not done:
+            failed = sum(t.state == TrialState.FAILED for t in trials)
+            raise ValueError(
+                f"no trial has completed yet ({len(trials)} trials, {failed} failed): run "
+                "study.optimize(...) first; a failed trial's error is in study.trials[i].error"
+            )
+        return min(done, key=lambda t: self._sign * t.value)
+
+    @property
+    def best_params(self) -> dict[str, Any]:
+        return dict(self.best_trial.params)
+
+    @property
+    def best_value(self) -> float:
+        return float(self.best_trial.value)
+
+    def to_csv(self, path: str | Path) -> None:
+        """Write one row per trial: number, state, value, each parameter, times, error."""
+        names = list(self.space.params)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["number", "state", "value", *names, "started", "finished", "retries", "error"])
+            for t in self.trials:
+                w.writerow(
+                    [
+                        t.number,
+                        t.state.value,
+                        t.value,
+                        *(t.params[n] for n in names),
+                        t.started,
+                        t.finished,
+                        t.retries,
+                        _last_line(t.error),
+                    ]
+                )
+
+    def close(self) -> None:
+        self._storage.close()
+
+    # ---- running -------------------------------------------------------------------------
+
+    def optimize(
+        self,
+        objective: Callable[[Trial], float],
+        n_trials: int | None = None,
+        n_workers: int = 1,
+        timeout: float | None = None,
+        catch: tuple[type[BaseException], ...] = (Exception,),
+    ) -> None:
+        """Run trials until `n_trials` new ones were started here or `timeout` seconds passed.
+
+        Workers first resume re-queued and promotable paused trials (these do not count
+        towards `n_trials`), then start new ones. An objective that raises one of `catch` or
+        returns a non-finite value marks its trial FAILED and the study goes on.
+
+        Args:
+            objective: `objective(trial) -> float`.
+            n_trials: new trials to start in this call (None: until timeout or exhaustion).
+            n_workers: threads running trials concurrently in this process.
+            timeout: seconds after which no new trial starts (running ones finish).
+            catch: exception types recorded as a failed trial instead of propagating.
+        """
+        if n_trials is None and timeout is None:
+            raise ValueError("optimize: give n_trials, timeout or both, otherwise it never stops")
+        if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0):
+            raise ValueError(f"optimize: n_trials={n_trials!r} must be a non-negative int")
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"optimize: n_workers={n_workers!r} must be a positive int")
+        if not callable(objective):
+            raise ValueError("optimize: objective must be a callable objective(trial) -> float")
+        self.sampler.prepare(self.space)
+        budget, stop, errors = _Budget(n_trials, timeout), threading.Event(), []
+
+        def worker() -> None:
+            try:
+                while not stop.is_set():
+                    claimed = self._claim(budget)
+                    if claimed is None:
+                        return
+                    self._run(objective, *claimed, catch)
+            except BaseException as e:  # re-raised in the calling thread below
+                errors.append(e)
+                stop.set()
+
+        beat = threading.Thread(target=self._heartbeat_loop, args=(stop,), name="pyengine-tune-heartbeat", daemon=True)
+        beat.start()
+        threads = [threading.Thread(target=worker, name=f"pyengine-tune-worker-{i}") for i in range(n_workers)]
+        try:
+            if n_workers == 1:
+                worker()  # run in the caller's thread: Ctrl-C and debuggers behave as usual
+            else:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        finally:
+            stop.set()
+            beat.join()
+        if errors:
+            raise errors[0]
+
+    def _trial_dir(self, number: int) -> Path:
+        d = self.checkpoint_root / f"trial-{number:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_interval_s):
+            with self._running_lock:
+                ids = list(self._running)
+            try:
+                self._storage.heartbeat(ids)
+            except Exception as e:  # a busy database must not kill the heartbeat; the next beat retries
+                log.warning("heartbeat failed: %s", e)
+
+    def _claim(self, budget: _Budget) -> tuple[FrozenTrial, bool] | None:
+        """Atomically pick the next trial: re-queued, then promotable paused, then a new one."""
+        with self._storage.transaction() as c:
+            trials = self._storage.trials(c)
+            self._reap_dead(c, trials)
+            for t in trials:
+                if t.state == TrialState.WAITING:
+                    return self._start(c, t), True
+            if self.pruner is not None and self.pruner.pauses:
+                for t in trials:
+                    others = [o for o in trials if o.number != t.number]
+                    if t.state == TrialState.PAUSED and self.pruner.promotable(t, others, self._sign):
+                        return self._start(c, t), True
+            if not budget.take():
+                return None
+            history = History(
+                complete=[(t.params, self._sign * t.value) for t in trials if t.state == TrialState.COMPLETE],
+                pending=[t.params for t in trials if t.state == TrialState.RUNNING],
+                seen_keys={self.space.key(t.params) for t in trials},
+                number=len(trials),
+                seed=self.seed,
+            )
+            params = self.sampler.suggest(self.space, history)
+            if params is None:
+                log.info("the sampler has no new configuration left; stopping")
+                return None
+            frozen = self._storage.insert_trial(c, params, self.space.key(params), _HOST, os.getpid())
+        with self._running_lock:
+            self._running.add(frozen.id)
+        return frozen, False
+
+    def _start(self, c: Any, t: FrozenTrial) -> FrozenTrial:
+        self._storage.set_state(c, t.id, TrialState.RUNNING, host=_HOST, pid=os.getpid())
+        t.state, t.host, t.pid = TrialState.RUNNING, _HOST, os.getpid()
+        with self._running_lock:
+            self._running.add(t.id)
+        return t
+
+    def _reap_dead(self, c: Any, trials: list[FrozenTrial]) -> None:
+        now = time.time()
+        for t in trials:
+            if t.state != TrialState.RUNNING or (t.host == _HOST and t.pid == os.getpid()):
+                continue
+            dead_here = t.host == _HOST and t.pid is not None and not _pid_alive(t.pid)
+            silent = t.heartbeat is not None and now - t.heartbeat > self.grace_period_s
+            if not (dead_here or silent):
+                continue
+            if t.retries < self.max_retries:
+                log.warning(
+                    "trial %d: worker %s:%s died; re-queued to resume from its checkpoint", t.number, t.host, t.pid
+                )
+                self._storage.set_state(c, t.id, TrialState.WAITING, retries_inc=1)
+                t.state, t.retries = TrialState.WAITING, t.retries + 1
+            else:
+                msg = f"worker {t.host}:{t.pid} died while running it ({t.retries} retries used)"
+                self._storage.set_state(c, t.id, TrialState.FAILED, error=msg)
+                t.state, t.error = TrialState.FAILED, msg
+
+    def _run(
+        self,
+        objective: Callable[[Trial], float],
+        frozen: FrozenTrial,
+        resumed: bool,
+        catch: tuple[type[BaseException], ...],
+    ) -> None:
+        trial = Trial(self, frozen, resumed)
+        state, value, error = TrialState.FAILED, None, None
+        try:
+            result = objective(trial)
+            value = float(result) if isinstance(result, (int, float)) or hasattr(result, "__float__") else math.nan
+            if math.isfinite(value):
+                state = TrialState.COMPLETE
+            else:
+                error = f"objective returned {result!r}, not a finite number"
+                value = None
+        except TrialPruned:
+            paused = self.pruner is not None and self.pruner.pauses and trial.prune_requested
+            state = TrialState.PAUSED if paused else TrialState.PRUNED
+            value = frozen.intermediate[frozen.last_step] if frozen.intermediate else None
+        except catch as e:
+            error = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            log.warning("trial %d failed: %r", frozen.number, e)
+        finally:
+            with self._running_lock:
+                self._running.discard(frozen.id)
+            with self._storage.transaction() as c:
+                if state == TrialState.FAILED and error is None:
+                    error = "interrupted (KeyboardInterrupt or another exception outside `catch`)"
+                self._storage.set_state(c, frozen.id, state, value=value, error=error)
+        if state == TrialState.FAILED and error:
+            log.info("trial %d params %s: %s", frozen.number, frozen.params, error.splitlines()[-1])
