@@ -136,7 +136,8 @@ class NamedOptimizerState:
         if unexpected or mismatched:
             warnings.warn(
                 f"optimizer state not restored for {len(unexpected)} saved parameter(s) no longer in the optimizer "
-                f"{unexpected[:5]} and {len(mismatched)} whose shape changed {mismatched[:5]}",
+                f"{unexpected[:5]} and {len(mismatched)} whose shape changed {mismatched[:5]}. If a "
+                "GradualUnfreezer adds them back, restore it before the optimizer (list it first).",
                 stacklevel=2,
             )
         return NamedLoadResult(missing, unexpected, mismatched)
