@@ -8,7 +8,7 @@ from __future__ import annotations
 from pyengine import checkpoint, data, train, transfer, tune
 from pyengine.checkpoint import Checkpointer
 from pyengine.errors import CheckpointError, DataError, PyengineError
-from pyengine.train import EarlyStopping, Trainer, VirtualEpochs
+from pyengine.train import EarlyStopping, Trainer, VirtualEpochs, overfit_batch
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "VirtualEpochs",
     "checkpoint",
     "data",
+    "overfit_batch",
     "train",
     "transfer",
     "tune",

@@ -42,9 +42,22 @@ def test_inspect_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):
     assert "no checkpoint directory" in capsys.readouterr().out
 
 
-def test_demo_trains_crashes_and_resumes_exactly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pyengine.cli", "demo", "--dir", str(tmp_path / "ck"),
-                             "--steps", "40", "--every", "10"], capture_output=True, text=True, timeout=300)
+def test_demo_runs_every_section_and_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "pyengine", "demo", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "bit for bit: True" in result.stdout
-    assert (tmp_path / "ck" / "model.safetensors").exists()
+    report = (out / "report.md").read_text()
+    for title in ("Useful overfitting", "Checkpoints and virtual epochs", "Crash and exact resume", "Early stopping",
+                  "Transfer learning"):
+        assert f"## {title}" in report
+    assert "bit for bit, those of a run never interrupted: True" in report
+    assert "did not hold" not in report
+    for png in ("overfit_batch.png", "heat_equation.png", "virtual_epochs.png", "early_stopping.png", "transfer.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_demo_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    (tmp_path / "something").write_text("x")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().out

@@ -53,6 +53,9 @@ class StateEncoder:
         if isinstance(value, Mapping):
             return self._encode_mapping(value, path, stable_ptrs, all_stable)
         if isinstance(value, (list, tuple)):
+            # Fast path for long runs of plain ints (Python's RNG state is 625 of them).
+            if all(type(v) is int for v in value):
+                return {"__tuple__": list(value)} if isinstance(value, tuple) else list(value)
             items = [self.encode(v, (*path, str(i)), stable_ptrs, all_stable) for i, v in enumerate(value)]
             return {"__tuple__": items} if isinstance(value, tuple) else items
         if isinstance(value, float):

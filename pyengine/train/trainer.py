@@ -105,11 +105,13 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.callbacks = list(callbacks)
         self.early_stopping = early_stopping
-        self.on_nonfinite, self.nonfinite_lr_factor, self.max_rollbacks = on_nonfinite, nonfinite_lr_factor, max_rollbacks
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_lr_factor, self.max_rollbacks = nonfinite_lr_factor, max_rollbacks
         self.keep_last, self.overlap_checkpoints, self.progress = keep_last, overlap_checkpoints, progress
         self.log = MetricsLog(log_dir)
         self.runner = StepRunner(self.model, optimizer, loss_fn, scheduler, self.device, amp, grad_clip)
         self.stop_training = False
+        self.checkpoint_stalls: list[float] = []  # seconds each save paused training (this process only)
         self._progress = _Progress()
         self._ckpt: Checkpointer | None = None
 
@@ -202,7 +204,8 @@ class Trainer:
             cb.on_epoch_end(self, record)
         if self._ckpt is not None:
             # Asynchronous: returns after the snapshot; the write overlaps the next epoch.
-            self._ckpt.save(self.step, self._state(), overlap=self.overlap_checkpoints)
+            handle = self._ckpt.save(self.step, self._state(), overlap=self.overlap_checkpoints)
+            self.checkpoint_stalls.append(handle.stall_seconds)
         return record
 
     @torch.no_grad()

@@ -1,0 +1,68 @@
+"""Demo section: a training process is SIGKILLed at random moments and resumed; its final
+weights are compared with those of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pyengine as pe
+from pyengine.demo import synthetic
+from pyengine.demo.section import Section
+
+KILLS = 3  # 2 with --quick
+
+
+def _command(run_dir: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "pyengine.demo.resume_worker", "--dir", str(run_dir), "--data", str(data)]
+
+
+def _env() -> dict[str, str]:
+    # Both runs use the same number of threads, so they do the same arithmetic.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _final(run_dir: Path) -> tuple[int, dict]:
+    with pe.Checkpointer(run_dir) as ckpt:
+        return ckpt.latest_step(), ckpt.load()["model"]
+
+
+def run(workdir: Path, quick: bool) -> Section:
+    section = Section("Crash and exact resume")
+    data = workdir / "data"
+    synthetic.write(data, *synthetic.teacher_task(4096, seed=3))
+    subprocess.run(_command(workdir / "uninterrupted", data), env=_env(), check=True, capture_output=True)
+    rng = random.Random(0)
+    resumes = []
+    kills = 2 if quick else KILLS
+    for _ in range(kills):
+        child = subprocess.Popen(_command(workdir / "killed", data), env=_env(), stdout=subprocess.PIPE, text=True)
+        line = ""
+        while child.poll() is None and not line.startswith("resumed from step"):
+            line = child.stdout.readline()
+        resumes.append(int(line.split()[-1]) if line else -1)
+        time.sleep(rng.uniform(0.2, 0.7))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    final = subprocess.run(_command(workdir / "killed", data), env=_env(), capture_output=True, text=True)
+    if final.returncode != 0:
+        raise RuntimeError(f"the resumed training process failed:\n{final.stderr}")
+    resumes.append(int(final.stdout.split("resumed from step")[1].split()[0]))
+    step_a, weights_a = _final(workdir / "uninterrupted")
+    step_b, weights_b = _final(workdir / "killed")
+    identical = step_a == step_b and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    section.say(
+        f"a training process was SIGKILLed {kills} times at random moments; the restarts resumed from steps "
+        f"{resumes[1:]}"
+    )
+    section.say(f"final weights after {step_b} steps equal, bit for bit, those of a run never interrupted: {identical}")
+    section.ok = identical
+    return section
