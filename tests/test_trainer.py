@@ -220,3 +220,34 @@ def test_bad_arguments_are_refused(dataset, tmp_path):
         m(b["x"]), b["y"], reduction="none")
     with pytest.raises(ValueError, match="scalar"):
         trainer.fit(SCHEDULE)
+
+
+def _unfreezing_trainer(dataset, tmp_path, callbacks=()):
+    torch.manual_seed(0)
+    model = _model()
+    head = model[4]
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    unfreezer = pe.transfer.GradualUnfreezer(opt, [model[0:2]], at_epochs=[2], lr=1e-3)
+    loader = pe.data.Loader(dataset, batch_size=32, shuffle=True, seed=3, drop_last=True)
+    return pe.Trainer(model, opt, _loss, loader, checkpoint_dir=tmp_path / "ckpt", unfreezer=unfreezer,
+                      callbacks=callbacks, progress=False)
+
+
+def test_gradual_unfreezing_happens_on_time_and_survives_a_resume(dataset, tmp_path):
+    reference = _unfreezing_trainer(dataset, tmp_path / "ref")
+    first_layer = reference.model[0].weight.detach().clone()
+    recorder = _RecordWeights()
+    reference.callbacks.append(recorder)
+    reference.fit(SCHEDULE)
+    # Frozen for virtual epochs 1-2 (0-based 0 and 1), trained from the third on.
+    assert torch.equal(recorder.weights[2]["0.weight"], first_layer)
+    assert not torch.equal(recorder.weights[3]["0.weight"], first_layer)
+    assert [g.get("name") for g in reference.optimizer.param_groups] == [None, "unfrozen/0"]
+
+    crashing = _unfreezing_trainer(dataset, tmp_path / "run", callbacks=[_CrashAt(epoch=4)])
+    with pytest.raises(_Crash):
+        crashing.fit(SCHEDULE)
+    resumed = _unfreezing_trainer(dataset, tmp_path / "run")  # a fresh optimizer with one param group
+    resumed.fit(SCHEDULE)
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

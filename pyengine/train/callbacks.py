@@ -15,6 +15,9 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """After resuming (trainer.step is the step training continues from)."""
 
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before the first step of virtual epoch `epoch` (0-based), also right after a resume."""
+
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """After evaluation and early stopping, before the epoch's checkpoint is saved."""
 

@@ -76,6 +76,8 @@ class Trainer:
         overlap_checkpoints: copy parameters and optimizer state during the next step
             (CheckFreq-style) instead of before save() returns.
         progress: show a tqdm progress bar with loss and throughput.
+        unfreezer: a pe.transfer.GradualUnfreezer; its on_epoch_start runs before each
+            virtual epoch's first step, and it is restored before the optimizer on resume.
         strategy: distribution strategy; only None (one process) is available so far.
     """
 
@@ -86,7 +88,8 @@ class Trainer:
                  grad_clip: float | None = None, amp: bool = False, log_dir: str | Path | None = None, *,
                  early_stopping: EarlyStopping | None = None, on_nonfinite: str = "raise",
                  nonfinite_lr_factor: float = 0.5, max_rollbacks: int = 3, keep_last: int = 3,
-                 overlap_checkpoints: bool = True, progress: bool = True, strategy: str | None = None) -> None:
+                 overlap_checkpoints: bool = True, progress: bool = True, unfreezer: Any = None,
+                 strategy: str | None = None) -> None:
         if strategy is not None:
             raise NotImplementedError(f"strategy={strategy!r} is not available yet: pe.Trainer runs in one process "
                                       "(strategy=None)")
@@ -105,6 +108,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.callbacks = list(callbacks)
         self.early_stopping = early_stopping
+        self.unfreezer = unfreezer
         self.on_nonfinite = on_nonfinite
         self.nonfinite_lr_factor, self.max_rollbacks = nonfinite_lr_factor, max_rollbacks
         self.keep_last, self.overlap_checkpoints, self.progress = keep_last, overlap_checkpoints, progress
@@ -167,6 +171,8 @@ class Trainer:
         try:
             self.model.train()
             while self.step < schedule.total_steps and not self.stop_training:
+                if self.step % schedule.steps_per_epoch == 0:
+                    self._start_epoch(self.step // schedule.steps_per_epoch)
                 batch = next(batches)
                 loss = self.runner.forward(batch)
                 if loss.dim() != 0:
@@ -187,6 +193,12 @@ class Trainer:
                     loss_sum, loss_count, samples, epoch_start = 0.0, 0, 0, time.perf_counter()
         finally:
             bar.close()
+
+    def _start_epoch(self, epoch: int) -> None:
+        if self.unfreezer is not None:
+            self.unfreezer.on_epoch_start(epoch)
+        for cb in self.callbacks:
+            cb.on_epoch_start(self, epoch)
 
     def _end_epoch(self, schedule: VirtualEpochs, train_loss: float, samples_per_s: float,
                    seconds: float) -> dict[str, Any]:
@@ -240,7 +252,13 @@ class Trainer:
     # ---------------------------------------------------------------------- checkpoints
 
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "trainer": self._progress}
+        # Restore order matters: the unfreezer re-adds its param groups before the optimizer
+        # state that refers to them is loaded.
+        state: dict[str, Any] = {"model": self.model}
+        if self.unfreezer is not None:
+            state["unfreezer"] = self.unfreezer
+        state["optimizer"] = self.optimizer
+        state["trainer"] = self._progress
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler
         if self.runner.scaler is not None:
