@@ -54,7 +54,7 @@ def test_best_follows_the_direction(direction):
 def test_best_before_any_completed_trial_explains():
     study = pe.tune.Study(_space())
     with pytest.raises(ValueError, match="no trial has completed yet"):
-        study.best_value
+        _ = study.best_value
 
 
 def test_reopening_a_study_continues_it(tmp_path):
@@ -93,7 +93,8 @@ def test_csv_export_has_one_row_per_trial(tmp_path):
     study = pe.tune.Study(_space(), sampler="random", seed=0)
     study.optimize(lambda t: t.params["x"] if t.number != 2 else math.inf, n_trials=5)
     study.to_csv(tmp_path / "t.csv")
-    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["number"] for r in rows] == ["0", "1", "2", "3", "4"]
     assert rows[2]["state"] == "FAILED" and "not a finite number" in rows[2]["error"]
     assert float(rows[0]["x"]) == pytest.approx(study.trials[0].params["x"])
