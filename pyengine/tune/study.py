@@ -112,13 +112,10 @@ class Study:
         self._sign = 1.0 if direction == "minimize" else -1.0
         self._storage = Storage(storage)
         self._storage.open_study(study_name, direction, self.space.to_json(), seed)
-        if checkpoint_root is None:
-            checkpoint_root = (
-                tempfile.mkdtemp(prefix="pyengine-study-")
-                if storage is None
-                else Path(storage).with_name(Path(storage).stem + f"-{study_name}-trials")
-            )
-        self.checkpoint_root = Path(checkpoint_root)
+        if checkpoint_root is None and storage is not None:
+            checkpoint_root = Path(storage).with_name(Path(storage).stem + f"-{study_name}-trials")
+        # An in-memory study gets a temporary directory, made only if a trial asks for one.
+        self._checkpoint_root = None if checkpoint_root is None else Path(checkpoint_root)
         self.heartbeat_interval_s, self.grace_period_s, self.max_retries = (
             heartbeat_interval_s,
             grace_period_s,
@@ -243,6 +240,13 @@ class Study:
             beat.join()
         if errors:
             raise errors[0]
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """The directory that holds every trial's checkpoint directory."""
+        if self._checkpoint_root is None:
+            self._checkpoint_root = Path(tempfile.mkdtemp(prefix="pyengine-study-"))
+        return self._checkpoint_root
 
     def _trial_dir(self, number: int) -> Path:
         d = self.checkpoint_root / f"trial-{number:05d}"
