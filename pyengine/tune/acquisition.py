@@ -60,7 +60,7 @@ def maximize(
     incumbents: torch.Tensor | None = None,
     n_raw: int = 2048,
     n_starts: int = 10,
-    max_iter: int = 200,
+    max_iter: int = 100,
     round_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     discrete: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

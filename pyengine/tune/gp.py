@@ -128,6 +128,7 @@ def fit_gp(x: torch.Tensor, y: torch.Tensor, warm_start: KernelParams | None = N
     Returns:
         The posterior under the best hyperparameters found.
     """
+    x, y = x.to(torch.float64), y.to(torch.float64)  # float32 Cholesky fails on clustered points
     starts = [KernelParams.default(x.shape[-1])]
     if warm_start is not None and warm_start.log_inv_sq_ls.shape == starts[0].log_inv_sq_ls.shape:
         starts.insert(0, warm_start)
