@@ -21,16 +21,19 @@ def cross_entropy(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
 
 
-class ReportResume(pe.train.Callback):
+class ReportProgress(pe.train.Callback):
     def on_fit_start(self, trainer: pe.Trainer) -> None:
         print(f"resumed from step {trainer.step}", flush=True)
+
+    def on_epoch_end(self, trainer: pe.Trainer, record: dict) -> None:
+        print(f"step {record['step']} loss {record['train_loss']:.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("runs/trainer"))
     parser.add_argument("--data", type=Path, default=None, help="dataset path (default: DIR/data)")
-    parser.add_argument("--epochs", type=int, default=16, help="virtual epochs (one checkpoint each)")
+    parser.add_argument("--epochs", type=int, default=32, help="virtual epochs (one checkpoint each)")
     parser.add_argument("--stop-point", type=float, default=6.25, help="passes over the data")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.total_steps)
     trainer = pe.Trainer(model, opt, cross_entropy, train, scheduler=sched, checkpoint_dir=args.dir / "checkpoints",
                          log_dir=args.dir / "logs", progress=False, keep_last=2,
-                         callbacks=[ReportResume()])
+                         callbacks=[ReportProgress()])
     print(f"{schedule.total_steps} steps in {schedule.num_checkpoints} virtual epochs of "
           f"{schedule.steps_per_epoch}", flush=True)
     history = trainer.fit(schedule, resume=True)

@@ -278,6 +278,7 @@ def test_interpreter_exit_with_a_live_iteration_is_clean(ds, tmp_path):
         "sys.exit(0)\n"
     )
     # The timeout only guards against a hang; the assertion is on the exit status and output.
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # Run from tmp_path: in the checkout, its pyengine/ (no compiled core) would shadow the installed package.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "got 10"

@@ -20,9 +20,10 @@ import pyengine as pe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = {
-    "plain": (EXAMPLES / "plain_loop_exact_resume.py", ["--steps", "400", "--every", "25"]),
-    "trainer": (EXAMPLES / "trainer_exact_resume.py", ["--epochs", "16", "--stop-point", "3.125"]),
+    "plain": (EXAMPLES / "plain_loop_exact_resume.py", ["--steps", "800", "--every", "25"]),
+    "trainer": (EXAMPLES / "trainer_exact_resume.py", ["--epochs", "32", "--stop-point", "6.25"]),
 }
+CHECKPOINTS = 32  # both runs checkpoint every 25 steps, 800 steps in all
 KILLS = 4
 
 
@@ -55,31 +56,40 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["plain", "trainer"])
 def test_sigkilled_and_resumed_run_ends_bit_identical(kind, data, tmp_path):
     subprocess.run(_command(kind, tmp_path / "reference", data), check=True, env=_env(), capture_output=True,
-                   timeout=600)
+                   timeout=600, cwd=tmp_path)
     ref_step, reference = _final_weights(tmp_path / "reference")
 
     rng = random.Random(f"{kind}-kills")
     run_dir = tmp_path / "killed"
     resumed_from = []
-    for _ in range(KILLS):
-        child = subprocess.Popen(_command(kind, run_dir, data), env=_env(), stdout=subprocess.PIPE, text=True)
-        first_line = ""
-        while not first_line.startswith("resumed from step"):  # printed once training starts
-            first_line = child.stdout.readline()
-            assert first_line, "the run ended before training started"
-        time.sleep(rng.uniform(0.1, 1.2))
+    for kill in range(KILLS):
+        child = subprocess.Popen(_command(kind, run_dir, data), env=_env(), stdout=subprocess.PIPE, text=True,
+                                 cwd=tmp_path)
+        line = ""
+        while not line.startswith("resumed from step"):  # printed once training starts
+            line = child.stdout.readline()
+            assert line, "the run ended before training started"
+        resumed_from.append(int(line.split()[-1]))
+        # Kill after a random number of checkpoints plus a random part of the next interval,
+        # always well before the run could finish. The first run reports two saves: the second
+        # save() returns only once the first is durable, so later runs must resume past step 0.
+        for _ in range(2 if kill == 0 else rng.randrange(0, 3)):
+            assert child.stdout.readline().startswith("step ")
+        time.sleep(rng.uniform(0.0, 0.05))
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-        resumed_from.append(first_line.strip())
-        assert child.returncode == -signal.SIGKILL, f"the run finished before it could be killed: {first_line}"
-    final = subprocess.run(_command(kind, run_dir, data), env=_env(), capture_output=True, text=True, timeout=600)
+        assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    final = subprocess.run(_command(kind, run_dir, data), env=_env(), capture_output=True, text=True, timeout=600,
+                           cwd=tmp_path)
     assert final.returncode == 0, final.stderr
+    resumed_from.append(int(final.stdout.split("resumed from step")[1].split()[0]))
 
     step, weights = _final_weights(run_dir)
     assert step == ref_step
     assert weights.keys() == reference.keys()
     for name in reference:
         assert torch.equal(weights[name], reference[name]), name
-    # The kills really interrupted training part way: later runs resumed from later steps.
-    assert any(line != "resumed from step 0" for line in resumed_from), resumed_from
+    # The kills interrupted training part way: later runs resumed from later, unfinished steps.
+    assert resumed_from[0] == 0 and resumed_from == sorted(resumed_from), resumed_from
+    assert 0 < resumed_from[-1] < ref_step, resumed_from

@@ -38,21 +38,29 @@ def run(workdir: Path, quick: bool) -> Section:
     section = Section("Crash and exact resume")
     data = workdir / "data"
     synthetic.write(data, *synthetic.teacher_task(4096, seed=3))
-    subprocess.run(_command(workdir / "uninterrupted", data), env=_env(), check=True, capture_output=True)
+    subprocess.run(_command(workdir / "uninterrupted", data), env=_env(), check=True, capture_output=True, cwd=workdir)
     rng = random.Random(0)
     resumes = []
     kills = 2 if quick else KILLS
     for _ in range(kills):
-        child = subprocess.Popen(_command(workdir / "killed", data), env=_env(), stdout=subprocess.PIPE, text=True)
-        line = ""
-        while child.poll() is None and not line.startswith("resumed from step"):
+        # Run from the work folder: a pyengine/ source folder in the caller's directory must not
+        # shadow the installed package in the child.
+        child = subprocess.Popen(_command(workdir / "killed", data), env=_env(), stdout=subprocess.PIPE, text=True,
+                                 cwd=workdir)
+        line = child.stdout.readline()
+        while line and not line.startswith("resumed from step"):
             line = child.stdout.readline()
-        resumes.append(int(line.split()[-1]) if line else -1)
-        time.sleep(rng.uniform(0.2, 0.7))
+        if not line:
+            raise RuntimeError("the training process ended before it started training")
+        resumes.append(int(line.split()[-1]))
+        # Killed a random number of virtual epochs in, at a random moment of the next one.
+        for _ in range(rng.randrange(1, 4)):
+            child.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.05))
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-    final = subprocess.run(_command(workdir / "killed", data), env=_env(), capture_output=True, text=True)
+    final = subprocess.run(_command(workdir / "killed", data), env=_env(), capture_output=True, text=True, cwd=workdir)
     if final.returncode != 0:
         raise RuntimeError(f"the resumed training process failed:\n{final.stderr}")
     resumes.append(int(final.stdout.split("resumed from step")[1].split()[0]))
@@ -61,8 +69,8 @@ def run(workdir: Path, quick: bool) -> Section:
     identical = step_a == step_b and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     section.say(
         f"a training process was SIGKILLed {kills} times at random moments; the restarts resumed from steps "
-        f"{resumes[1:]}"
+        f"{resumes[1:]} of {step_b}"
     )
     section.say(f"final weights after {step_b} steps equal, bit for bit, those of a run never interrupted: {identical}")
-    section.ok = identical
+    section.ok = identical and 0 < resumes[-1] < step_b
     return section

@@ -1,7 +1,7 @@
 """The training process the demo kills: `python -m pyengine.demo.resume_worker --dir D --data P`.
 
 Trains with pe.Trainer and resumes from D on every start; prints "resumed from step N"
-when training starts and "done" at the end.
+when training starts, a line per virtual epoch, and "done" at the end.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import pyengine as pe
 from pyengine.demo import synthetic
 
 
-class _ReportResume(pe.train.Callback):
+class _ReportProgress(pe.train.Callback):
     def on_fit_start(self, trainer: pe.Trainer) -> None:
         print(f"resumed from step {trainer.step}", flush=True)
+
+    def on_epoch_end(self, trainer: pe.Trainer, record: dict) -> None:
+        print(f"epoch {record['epoch']} step {record['step']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_dir=args.dir,
         keep_last=2,
         progress=False,
-        callbacks=[_ReportResume()],
+        callbacks=[_ReportProgress()],
     )
     trainer.fit(schedule)
     print("done", flush=True)
