@@ -5,6 +5,17 @@ The loader and the checkpointer work inside any PyTorch loop; the rest builds on
 
 from __future__ import annotations
 
+try:
+    from pyengine import _core  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on how Python was started
+    import os as _os
+
+    raise ImportError(
+        f"pyengine's compiled core is missing from {_os.path.dirname(__file__)}: that is probably a source "
+        "checkout shadowing the installed package (Python puts the current directory first for `python -m` and "
+        "`python -c`). Run from another directory, or install in editable mode: pip install -e ."
+    ) from e
+
 from pyengine import checkpoint, data, train, transfer, tune
 from pyengine.checkpoint import Checkpointer
 from pyengine.errors import CheckpointError, DataError, PyengineError
