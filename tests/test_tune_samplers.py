@@ -106,3 +106,16 @@ def test_robust_cholesky_adds_jitter_only_when_needed():
     with pytest.raises(pe.tune.gp.GPFitError if hasattr(pe.tune, "gp") else Exception):
         robust_cholesky(torch.full((3, 3), float("nan"), dtype=torch.float64))
     assert np.isfinite(robust_cholesky(torch.eye(3, dtype=torch.float64)).numpy()).all()
+
+
+def test_a_failing_gp_costs_a_random_trial_not_the_study(monkeypatch, caplog):
+    import pyengine.tune.samplers.bayes as bayes
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("linalg.cholesky: simulated failure")
+
+    monkeypatch.setattr(bayes, "fit_gp", broken_fit)
+    study = pe.tune.Study({"x": pe.tune.Uniform(0.0, 1.0)}, sampler=pe.tune.BayesSampler(n_startup_trials=2))
+    study.optimize(lambda t: t.params["x"], n_trials=5)
+    assert [t.state for t in study.trials] == [pe.tune.TrialState.COMPLETE] * 5
+    assert "Bayesian suggestion failed" in caplog.text and "simulated failure" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -12,6 +13,8 @@ from pyengine.tune import acquisition
 from pyengine.tune.gp import GPFitError, KernelParams, fit_gp
 from pyengine.tune.samplers.base import History, Sampler, random_unseen, trial_rng
 from pyengine.tune.space import Choice, IntUniform, Space
+
+log = logging.getLogger(__name__)
 
 
 class BayesSampler(Sampler):
@@ -58,8 +61,10 @@ class BayesSampler(Sampler):
             torch.set_num_threads(1)
             try:
                 params = self._model_point(space, history, rng)
-            except GPFitError:
-                params = None  # fall through to a random point rather than stop the study
+            except (GPFitError, RuntimeError) as e:
+                # A numerical failure costs one random trial, not the study.
+                log.warning("trial %d: Bayesian suggestion failed (%s); using a random point", history.number, e)
+                params = None
             finally:
                 torch.set_num_threads(threads)
         if params is None or space.key(params) in history.seen_keys:
