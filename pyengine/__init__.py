@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - depends on how Python was started
         "`python -c`). Run from another directory, or install in editable mode: pip install -e ."
     ) from e
 
-from pyengine import checkpoint, data, train, transfer, tune
+from pyengine import checkpoint, data, distributed, train, transfer, tune
 from pyengine.checkpoint import Checkpointer
 from pyengine.errors import CheckpointError, DataError, PyengineError
 from pyengine.train import EarlyStopping, Trainer, VirtualEpochs, overfit_batch
@@ -33,6 +33,7 @@ __all__ = [
     "VirtualEpochs",
     "checkpoint",
     "data",
+    "distributed",
     "overfit_batch",
     "train",
     "transfer",

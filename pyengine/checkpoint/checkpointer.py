@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import numbers
 import sys
@@ -23,6 +24,7 @@ from pyengine.checkpoint.manifest import Manifest, read_manifest, read_tensors
 from pyengine.checkpoint.overlap import OverlapGuard
 from pyengine.checkpoint.policies import PolicyFeed, SavePolicy
 from pyengine.checkpoint.rng import capture_rng_state, restore_rng_state
+from pyengine.checkpoint.sharded import ShardedSaver, ShardedStep, read_sharded_manifest
 from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names
 from pyengine.checkpoint.stateful import encode_object, load_object
 from pyengine.errors import CheckpointError
@@ -122,7 +124,14 @@ class Checkpointer:
                                     staging_cap_bytes=staging_cap_bytes, keep_last=keep_last)
         self._read_threads = read_threads
         self._lock = ckdir.WriterLock(self.directory)
-        if self._lock.try_acquire():
+        # In a distributed world every rank saves its part, but only rank 0 owns DIR (see sharded.py).
+        self._sharded: ShardedSaver | None = None
+        distributed = _distributed_rank()
+        if distributed is not None:
+            if distributed == 0 and self._lock.try_acquire():
+                ckdir.remove_temp_dirs(self.directory)
+            self._sharded = ShardedSaver(self.directory, self.keep_last, self._writer_options)
+        elif self._lock.try_acquire():
             ckdir.remove_temp_dirs(self.directory)
         self._writer: Any = None
         self._guard = OverlapGuard()
@@ -151,6 +160,10 @@ class Checkpointer:
         step = self._check_step(step)
         if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
             raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
+        if self._sharded is not None:
+            sharded_handle = self._sharded.save(step, state, self.capture_rng if rng is None else rng)
+            self._pending.append(sharded_handle)  # type: ignore[arg-type]
+            return sharded_handle  # type: ignore[return-value]
         writer = self._ensure_writer()
         self._guard.drain()  # no earlier snapshot may still read the buffers refilled below
         encoder = StateEncoder()
@@ -193,6 +206,8 @@ class Checkpointer:
         self._guard.drain()
         if self._writer is not None:
             self._writer.wait_all()
+        if self._sharded is not None:
+            self._sharded.wait()
         self._pending.clear()
 
     def _sources(self, tensors: list[NamedTensor], overlap: bool) -> tuple[list[tuple], int]:
@@ -299,14 +314,21 @@ class Checkpointer:
         return None
 
     def _load_step(self, step: int, keys: Iterable[str] | None) -> tuple[dict[str, Any], Any]:
-        manifest = read_manifest(ckdir.step_dir(self.directory, step))
-        objects, rng_tree = _split_state(manifest)
+        path = ckdir.step_dir(self.directory, step)
+        sharded_doc = read_sharded_manifest(path)
+        if sharded_doc is not None:
+            opened = ShardedStep(path, sharded_doc, _distributed_rank() or 0, self._read_threads)
+            objects, rng_tree, read = opened.objects, opened.rng, opened.read
+        else:
+            manifest = read_manifest(path)
+            objects, rng_tree = _split_state(manifest)
+            read = functools.partial(read_tensors, manifest, threads=self._read_threads)
         if keys is not None:
             missing = [k for k in keys if k not in objects]
             if missing:
                 raise _MissingKeys(f"checkpoint step {step} has no {missing}; it holds {sorted(objects)}")
             objects = {k: objects[k] for k in keys}
-        tensors = read_tensors(manifest, tensor_names([objects, rng_tree]), self._read_threads)
+        tensors = read(tensor_names([objects, rng_tree]))
         return decode(objects, tensors), decode(rng_tree, tensors)
 
     # ---------------------------------------------------------------------------- lifetime
@@ -340,6 +362,15 @@ class Checkpointer:
 
 class _MissingKeys(CheckpointError):
     """A caller asked for keys the checkpoint lacks: not corruption, so no fallback."""
+
+
+def _distributed_rank() -> int | None:
+    """This process's rank in a torch.distributed world of more than one rank, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return None
 
 
 def _split_state(manifest: Manifest) -> tuple[dict[str, Any], Any]:

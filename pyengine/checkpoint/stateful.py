@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyengine.checkpoint.dtensors import module_state_like, optimizer_state_like
 from pyengine.checkpoint.state_codec import StateEncoder
 
 
@@ -45,7 +46,10 @@ def encode_object(encoder: StateEncoder, key: str, obj: Any) -> Any:
 def load_object(key: str, obj: Any, value: Any) -> None:
     """Puts a decoded value back into `obj`, in place."""
     if isinstance(obj, torch.nn.Module):
-        unwrap_module(obj).load_state_dict(value)
+        module = unwrap_module(obj)
+        module.load_state_dict(module_state_like(module, value))
+    elif isinstance(obj, torch.optim.Optimizer):
+        obj.load_state_dict(optimizer_state_like(obj, value))
     elif _has_state_dict(obj):
         obj.load_state_dict(value)
     elif isinstance(obj, torch.Tensor):

@@ -1,0 +1,48 @@
+"""Loading full tensors into DTensor targets (models and optimizers sharded by FSDP2).
+
+A checkpoint always yields global tensors; a target whose parameter is a DTensor gets the
+tensor cut to its own placements locally (no communication: every rank read the same
+global tensor), so any checkpoint (plain, DDP, FSDP at any world size) restores into FSDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def _like(value: Any, template: Any) -> Any:
+    if not isinstance(value, torch.Tensor) or _is_dtensor(value) or tuple(value.shape) != tuple(template.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    local_device = template.to_local().device
+    return distribute_tensor(value.to(device=local_device, dtype=template.dtype), template.device_mesh,
+                             template.placements, src_data_rank=None)
+
+
+def module_state_like(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with each entry whose current value is a DTensor distributed like it."""
+    current = module.state_dict()
+    if not any(_is_dtensor(v) for v in current.values()):
+        return state
+    return {k: _like(v, current[k]) if _is_dtensor(current.get(k)) else v for k, v in state.items()}
+
+
+def optimizer_state_like(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer state with per-parameter tensors of a parameter's shape distributed like it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(_is_dtensor(p) for p in params) or not isinstance(state.get("state"), dict):
+        return state
+    per_param = {}
+    for index, entry in state["state"].items():
+        p = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+        if p is not None and _is_dtensor(p) and isinstance(entry, dict):
+            entry = {k: _like(v, p) for k, v in entry.items()}
+        per_param[index] = entry
+    return {**state, "state": per_param}

@@ -1,0 +1,286 @@
+"""Scenarios the distributed tests launch under torchrun (`python -m torch.distributed.run`).
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_scenarios.py train OUT
+    python -m torch.distributed.run --nproc-per-node 3 tests/distributed_scenarios.py reshard OUT
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_scenarios.py kill OUT
+
+Each scenario asserts on every rank and writes its figures to OUT/<scenario>-rank<R>.json; a
+non-zero exit fails the test. Kept in one launch per world size: starting torch costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import pyengine as pe
+
+STEPS = 12
+PER_RANK_BATCH = 8
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # 16 rows shard 8/8 over 2 ranks and 6/6/4 over 3; the 1-element bias leaves an empty shard.
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def write_data(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    y = (x @ rng.standard_normal((8, 1)) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
+    pe.data.write_dataset(path, {"x": x, "y": y})
+
+
+def loader(out: Path) -> pe.data.Loader:
+    return pe.data.Loader(pe.data.Dataset(out / "data"), PER_RANK_BATCH, shuffle=True, seed=1, drop_last=True,
+                          rank=pe.distributed.rank(), world_size=pe.distributed.world_size())
+
+
+def mse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Global tensors on every rank (full_tensor() is a collective: every rank calls it)."""
+    out = {}
+    for k, v in pe.checkpoint.stateful.unwrap_module(model).state_dict().items():
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+    return out
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def gathered_batches(out: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every rank's batches for STEPS steps, concatenated in rank order: the global batches."""
+    batches = []
+    for step, batch in enumerate(loader(out)):
+        if step == STEPS:
+            break
+        xy = torch.cat([batch["x"], batch["y"]], dim=1)
+        parts = [torch.empty_like(xy) for _ in range(pe.distributed.world_size())]
+        dist.all_gather(parts, xy)
+        both = torch.cat(parts)
+        batches.append((both[:, :8], both[:, 8:]))
+    return batches
+
+
+def train(model: torch.nn.Module, strategy, out: Path, steps: int = STEPS) -> tuple:
+    model = strategy.wrap(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step, batch in enumerate(loader(out)):
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss = mse(model, batch["x"], batch["y"])
+        loss.backward()
+        opt.step()
+        strategy.after_optimizer_step()
+        losses.append(float(loss.detach()))
+    return model, opt, losses
+
+
+def scenario_train(out: Path) -> dict:
+    rank = pe.distributed.rank()
+    report: dict = {}
+    # Reference: one process, the same global batches.
+    ref = make_model()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    for x, y in gathered_batches(out):
+        ref_opt.zero_grad()
+        mse(ref, x, y).backward()
+        ref_opt.step()
+    ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
+
+    ddp, ddp_opt, _ = train(make_model(), pe.distributed.DataParallel(), out)
+    ddp_state = full_state(ddp)
+    report["ddp_vs_single"] = max_diff(ddp_state, ref_state)
+    assert report["ddp_vs_single"] <= 1e-6, report
+
+    fsdp, fsdp_opt, _ = train(make_model(), pe.distributed.FullyShard(), out)
+    fsdp_state = full_state(fsdp)
+    report["fsdp_vs_ddp"] = max_diff(fsdp_state, ddp_state)
+    assert report["fsdp_vs_ddp"] <= 1e-6, report
+
+    strategy = pe.distributed.LocalSGD(period=4)
+    local, _, losses = train(make_model(), strategy, out, steps=16)  # one epoch: 256 / 2 ranks / 8
+    report["local_sgd_first_last"] = [float(np.mean(losses[:4])), float(np.mean(losses[-4:]))]
+    report["local_sgd_averagings"] = strategy.averagings
+    assert losses[-1] < losses[0] and strategy.averagings == 16 // 4, report
+
+    # Rank-sharded checkpoints of both runs (model + optimizer + loader), and their global weights.
+    for name, model, opt in (("ddp", ddp, ddp_opt), ("fsdp", fsdp, fsdp_opt)):
+        with pe.Checkpointer(out / f"ckpt-{name}") as ckpt:
+            ckpt.save(STEPS, {"model": model, "optimizer": opt, "loader": loader(out)}).wait()
+        assert ckpt.steps() == [STEPS]
+        part = out / f"ckpt-{name}" / f"step-{STEPS:08d}" / f"rank-{rank:05d}"
+        report[f"{name}_bytes_rank"] = sum(f.stat().st_size for f in part.rglob("*.safetensors"))
+    if rank == 0:
+        torch.save(ddp_state, out / "ddp_state.pt")
+        torch.save(fsdp_state, out / "fsdp_state.pt")
+
+    # Restore at the same world size into a fresh FSDP model: identical global weights.
+    again = pe.distributed.FullyShard().wrap(make_model())
+    again_opt = torch.optim.Adam(again.parameters(), lr=1e-2)
+    with pe.Checkpointer(out / "ckpt-fsdp") as ckpt:
+        assert ckpt.restore({"model": again, "optimizer": again_opt}) == STEPS
+    assert max_diff(full_state(again), fsdp_state) == 0.0
+
+    report["unfreeze"] = scenario_unfreeze(out)
+    report["failed_save"] = scenario_failed_save(out)
+    return report
+
+
+def scenario_unfreeze(out: Path) -> str:
+    model = make_model()
+    pe.transfer.freeze(model[0])
+    strategy = pe.distributed.DataParallel()
+    wrapped = strategy.wrap(model)
+    pe.transfer.unfreeze(model[0])
+    batch = next(iter(loader(out)))
+    try:
+        mse(wrapped, batch["x"], batch["y"])
+    except pe.distributed.TrainableSetChanged as e:
+        message = str(e)
+    else:
+        raise AssertionError("unfreezing after DDP wrapping was not refused")
+    wrapped = strategy.rewrap()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    for batch in loader(out):
+        opt.zero_grad()
+        mse(wrapped, batch["x"], batch["y"]).backward()
+        opt.step()
+    w = model[0].weight.detach().clone()
+    others = [torch.empty_like(w) for _ in range(pe.distributed.world_size())]
+    dist.all_gather(others, w)
+    assert all(torch.equal(o, others[0]) for o in others), "replicas diverged after rewrap"
+    return message
+
+
+class FailingWriter:
+    """A writer whose part never becomes durable (stands in for a full or broken disk)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def save(self, *args, **kwargs) -> int:
+        return 1
+
+    def wait(self, save_id: int) -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+
+def scenario_failed_save(out: Path) -> str:
+    model = pe.distributed.DataParallel().wrap(make_model())
+    with pe.Checkpointer(out / "ckpt-fail") as ckpt:
+        ckpt.save(1, {"model": model}).wait()
+        if pe.distributed.rank() == 1:
+            ckpt._sharded.make_writer = FailingWriter
+        try:
+            ckpt.save(2, {"model": model}).wait()
+        except pe.CheckpointError as e:
+            message = str(e)
+        else:
+            raise AssertionError("a save that failed on rank 1 did not raise on every rank")
+        assert "rank 1" in message and "injected" in message, message
+        pe.distributed.barrier()
+        assert ckpt.steps() == [1], ckpt.steps()
+        leftovers = [p.name for p in (out / "ckpt-fail").iterdir() if ".tmp-" in p.name]
+        assert not leftovers, leftovers
+    return message
+
+
+def scenario_reshard(out: Path) -> dict:
+    """Loads the 2-rank checkpoints into this world's DDP, FSDP and plain replicas."""
+    report = {}
+    for name in ("ddp", "fsdp"):
+        expected = torch.load(out / f"{name}_state.pt")
+        for strategy in (pe.distributed.DataParallel(), pe.distributed.FullyShard()):
+            model = strategy.wrap(make_model())
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            with pe.Checkpointer(out / f"ckpt-{name}") as ckpt:
+                assert ckpt.restore({"model": model, "optimizer": opt}) == STEPS
+            diff = max_diff(full_state(model), expected)
+            assert diff == 0.0, (name, strategy.name, diff)
+            report[f"{name}->{strategy.name}"] = diff
+            # The restored optimizer state keeps training: one more step runs everywhere.
+            batch = next(iter(loader(out)))
+            opt.zero_grad()
+            mse(model, batch["x"], batch["y"]).backward()
+            opt.step()
+        # A loader saved by a 2-rank world refuses a different world size, with a message.
+        with pe.Checkpointer(out / f"ckpt-{name}") as ckpt:
+            try:
+                ckpt.restore({"loader": loader(out)})
+            except ValueError as e:
+                report[f"{name}_loader"] = str(e)[:200]
+            else:
+                raise AssertionError("a 2-rank loader state was accepted by a 3-rank world")
+    return report
+
+
+class StuckWriter:
+    """Wraps a real writer whose part never finishes: the process dies while writing it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.inner = _core_writer()(*args, **kwargs)
+
+    def save(self, *args, **kwargs) -> int:
+        return self.inner.save(*args, **kwargs)
+
+    def wait(self, save_id: int) -> None:
+        threading.Event().wait()
+
+
+def _core_writer():
+    from pyengine import _core
+
+    return _core.AsyncCheckpointWriter
+
+
+def scenario_kill(out: Path) -> dict:
+    """Rank 1 dies by SIGKILL while its part of step 2 is being written: step 2 never commits."""
+    model = pe.distributed.DataParallel().wrap(torch.nn.Linear(256, 1024))
+    with pe.Checkpointer(out / "ckpt-kill") as ckpt:
+        ckpt.save(1, {"model": model}).wait()
+        pe.distributed.barrier()
+        if pe.distributed.rank() == 1:
+            ckpt._sharded.make_writer = StuckWriter
+        ckpt.save(2, {"model": model})
+        if pe.distributed.rank() == 1:
+            time.sleep(0.2)  # its shards are on their way to disk, the commit gather not reached
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            ckpt.wait()
+        except pe.CheckpointError as e:
+            return {"error": str(e)[:300]}
+    raise AssertionError("rank 0 committed although rank 1 died")
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    pe.distributed.init()
+    if scenario == "train" and pe.distributed.rank() == 0:
+        write_data(out / "data")
+    pe.distributed.barrier()
+    report = {"train": scenario_train, "reshard": scenario_reshard, "kill": scenario_kill}[scenario](out)
+    (out / f"{scenario}-rank{pe.distributed.rank()}.json").write_text(json.dumps(report, indent=1))
+    pe.distributed.barrier()
+    pe.distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
