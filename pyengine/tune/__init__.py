@@ -8,6 +8,7 @@ study.best_params, study.best_value
 
 from __future__ import annotations
 
+from pyengine.tune import plots  # matplotlib is imported only when a plot is made
 from pyengine.tune.pruners import ASHAPruner, MedianPruner, Pruner
 from pyengine.tune.samplers import BayesSampler, GridSampler, RandomSampler, Sampler
 from pyengine.tune.space import Choice, IntUniform, LogUniform, Space, Uniform
@@ -32,4 +33,5 @@ __all__ = [
     "TrialPruned",
     "TrialState",
     "Uniform",
+    "plots",
 ]
