@@ -138,8 +138,65 @@ def scenario_train(out: Path) -> dict:
         assert ckpt.restore({"model": again, "optimizer": again_opt}) == STEPS
     assert max_diff(full_state(again), fsdp_state) == 0.0
 
+    report["trainer"] = scenario_trainer(out)
     report["unfreeze"] = scenario_unfreeze(out)
     report["failed_save"] = scenario_failed_save(out)
+    return report
+
+
+def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return mse(model, batch["x"], batch["y"])
+
+
+def replicas_equal(model: torch.nn.Module) -> bool:
+    flat = torch.cat([v.reshape(-1) for v in full_state(model).values()])
+    others = [torch.empty_like(flat) for _ in range(pe.distributed.world_size())]
+    dist.all_gather(others, flat)
+    return all(torch.equal(o, others[0]) for o in others)
+
+
+def scenario_trainer(out: Path) -> dict:
+    """pe.Trainer(strategy=...): DDP with gradual unfreezing (re-wrapped), FSDP, local SGD; resume."""
+    from pyengine.transfer import GradualUnfreezer
+
+    report = {}
+    sched = pe.VirtualEpochs(num_training_examples=256, stop_point=2, batch_size=16, num_checkpoints=2)
+    model = make_model()
+    pe.transfer.freeze(model[0])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    unfreezer = GradualUnfreezer(opt, [model[0]], at_epochs=[1], lr=1e-3)
+    trainer = pe.Trainer(model, opt, batch_loss, loader(out), checkpoint_dir=out / "trainer-ddp", progress=False,
+                         unfreezer=unfreezer, strategy="ddp")
+    history = trainer.fit(sched)
+    assert trainer.step == sched.total_steps and isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+    assert all(p.requires_grad for p in model.parameters()) and replicas_equal(model)
+    report["ddp_losses"] = [h["train_loss"] for h in history]
+    with pe.Checkpointer(out / "trainer-ddp") as ckpt:
+        assert ckpt.latest_step() == sched.total_steps
+
+    model = make_model()
+    try:
+        pe.Trainer(model, torch.optim.Adam(model.parameters()), batch_loss, loader(out), strategy="fsdp")
+    except ValueError as e:
+        report["fsdp_optimizer_first"] = str(e)[:120]
+    else:
+        raise AssertionError("an optimizer over unsharded parameters was accepted for FSDP")
+    for name in ("fsdp", "local_sgd"):
+        strategy = pe.distributed.make_strategy(name)
+        model = strategy.wrap(make_model())
+        trainer = pe.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), batch_loss, loader(out),
+                             checkpoint_dir=out / f"trainer-{name}", progress=False, strategy=strategy)
+        history = trainer.fit(sched)
+        assert history[-1]["train_loss"] < history[0]["train_loss"], history
+        report[f"{name}_losses"] = [h["train_loss"] for h in history]
+        if name == "fsdp":
+            assert replicas_equal(model)
+    # Resume: a new Trainer on the finished run restores the last step and trains no further.
+    model = make_model()
+    trainer = pe.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), batch_loss, loader(out),
+                         checkpoint_dir=out / "trainer-local_sgd", progress=False, strategy="local_sgd")
+    trainer.fit(sched)
+    assert trainer.step == sched.total_steps
     return report
 
 

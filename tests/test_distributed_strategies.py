@@ -67,6 +67,13 @@ def test_unfreezing_after_ddp_wrap_is_refused_then_rewrap_keeps_replicas_equal(t
     assert "0.weight" in message and "rewrap" in message
 
 
+def test_trainer_strategies_train_and_ddp_is_rewrapped_after_unfreezing(trained: Path) -> None:
+    r = report(trained, "train")["trainer"]
+    assert r["ddp_losses"][-1] < r["ddp_losses"][0]
+    assert r["fsdp_losses"][-1] < r["fsdp_losses"][0] and r["local_sgd_losses"][-1] < r["local_sgd_losses"][0]
+    assert "FSDP replaces them" in r["fsdp_optimizer_first"]
+
+
 def test_a_failed_rank_fails_the_save_on_every_rank(trained: Path) -> None:
     for rank in (0, 1):
         assert "rank 1: OSError" in report(trained, "train", rank)["failed_save"]
@@ -167,3 +174,16 @@ def test_single_process_helpers_without_torchrun() -> None:
         strategy.after_optimizer_step()
     with pytest.raises(ValueError, match="unknown strategy"):
         pe.distributed.make_strategy("parameter_server")
+
+
+def test_trainer_with_a_strategy_in_one_process(tmp_path: Path) -> None:
+    scen.write_data(tmp_path / "data")
+    sched = pe.VirtualEpochs(num_training_examples=256, stop_point=1, batch_size=8, num_checkpoints=2)
+    model = scen.make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(NotImplementedError, match="Hogwild"):
+        pe.Trainer(model, opt, scen.batch_loss, scen.loader(tmp_path), strategy="hogwild")
+    trainer = pe.Trainer(model, opt, scen.batch_loss, scen.loader(tmp_path), checkpoint_dir=tmp_path / "ckpt",
+                         progress=False, strategy="ddp")
+    history = trainer.fit(sched)
+    assert trainer.model is model and history[-1]["train_loss"] < history[0]["train_loss"]

@@ -30,10 +30,11 @@ class FullyShard:
     def __init__(self, reshard_after_forward: bool = True) -> None:
         self.reshard_after_forward = reshard_after_forward
         self.module: torch.nn.Module | None = None
+        self.wrapped: torch.nn.Module | None = None  # what trains: the module itself, sharded in place
         self._guard: TrainableGuard | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        self.module = model
+        self.module = self.wrapped = model
         if not is_distributed():
             return model
         from torch.distributed.device_mesh import init_device_mesh

@@ -48,6 +48,7 @@ class Hogwild:
         methods = multiprocessing.get_all_start_methods()
         self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
         self.threads_per_process = threads_per_process
+        self.wrapped: torch.nn.Module | None = None
 
     def run(self, train_fn: Callable[..., Any], model: torch.nn.Module, args: tuple = ()) -> torch.nn.Module:
         """Trains `model` in place; returns it once every worker finished.

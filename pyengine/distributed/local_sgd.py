@@ -34,9 +34,10 @@ class LocalSGD:
         self.steps = 0
         self.averagings = 0
         self.module: torch.nn.Module | None = None
+        self.wrapped: torch.nn.Module | None = None  # the module itself: nothing wraps it
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        self.module = model
+        self.module = self.wrapped = model
         if is_distributed():
             with torch.no_grad():
                 for t in self._tensors():

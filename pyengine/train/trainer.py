@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from pyengine import distributed
 from pyengine.checkpoint import Checkpointer
 from pyengine.train.callbacks import Callback
 from pyengine.train.early_stopping import EarlyStopping
@@ -78,7 +79,13 @@ class Trainer:
         progress: show a tqdm progress bar with loss and throughput.
         unfreezer: a pe.transfer.GradualUnfreezer; its on_epoch_start runs before each
             virtual epoch's first step, and it is restored before the optimizer on resume.
-        strategy: distribution strategy; only None (one process) is available so far.
+        strategy: distribution strategy: None (one process), "ddp", "fsdp", "local_sgd", or a
+            pe.distributed strategy object (e.g. FullyShard() already applied, so that the
+            optimizer could be built over the sharded parameters). Run the script under
+            torchrun; give each rank its slice through pe.data.Loader(rank=, world_size=).
+            Checkpoints become rank-sharded; only rank 0 logs and shows progress. After the
+            unfreezer changes which parameters train, DDP is re-wrapped at the epoch start.
+            "hogwild" runs its own processes: use pe.distributed.Hogwild(...).run().
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -89,10 +96,7 @@ class Trainer:
                  early_stopping: EarlyStopping | None = None, on_nonfinite: str = "raise",
                  nonfinite_lr_factor: float = 0.5, max_rollbacks: int = 3, keep_last: int = 3,
                  overlap_checkpoints: bool = True, progress: bool = True, unfreezer: Any = None,
-                 strategy: str | None = None) -> None:
-        if strategy is not None:
-            raise NotImplementedError(f"strategy={strategy!r} is not available yet: pe.Trainer runs in one process "
-                                      "(strategy=None)")
+                 strategy: Any = None) -> None:
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         if on_nonfinite == "rollback" and checkpoint_dir is None:
@@ -102,7 +106,10 @@ class Trainer:
         if not 0 < nonfinite_lr_factor <= 1:
             raise ValueError(f"nonfinite_lr_factor must be in (0, 1], got {nonfinite_lr_factor}")
         self.device = torch.device(device) if device is not None else _device_of(model)
-        self.model = model.to(self.device)
+        self.strategy = _distribute(strategy, model.to(self.device), optimizer, train_loader)
+        self.model = self.strategy.wrapped if self.strategy is not None else model.to(self.device)
+        if self.strategy is not None and not distributed.is_main():
+            log_dir, progress = None, False
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -179,6 +186,8 @@ class Trainer:
                     raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}")
                 if torch.isfinite(loss):
                     self.runner.backward_and_step(loss)
+                    if self.strategy is not None:
+                        self.strategy.after_optimizer_step()  # local SGD averages here (a collective)
                     loss_sum += loss.item()
                     loss_count += 1
                 else:
@@ -197,6 +206,8 @@ class Trainer:
     def _start_epoch(self, epoch: int) -> None:
         if self.unfreezer is not None:
             self.unfreezer.on_epoch_start(epoch)
+        if self.strategy is not None and self.strategy.needs_rewrap():
+            self.model = self.runner.model = self.strategy.rewrap()  # DDP only syncs what trained at wrap time
         for cb in self.callbacks:
             cb.on_epoch_start(self, epoch)
 
@@ -328,6 +339,32 @@ class Trainer:
         if not reset_optimizer:
             self.optimizer.load_state_dict(data["optimizer"])
         return chosen
+
+
+def _distribute(strategy: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                train_loader: Iterable) -> Any:
+    """Joins the torchrun job and wraps `model`; the strategy's `wrapped` is what trains."""
+    if strategy is None:
+        return None
+    strategy = distributed.make_strategy(strategy)
+    if isinstance(strategy, distributed.Hogwild):
+        raise NotImplementedError("strategy='hogwild' runs its own worker processes on one host, which pe.Trainer "
+                                  "does not start: use pe.distributed.Hogwild(num_processes).run(train_fn, model)")
+    distributed.init()
+    world = distributed.world_size()
+    if getattr(train_loader, "world_size", world) != world:
+        raise ValueError(f"train_loader is built for world_size={train_loader.world_size} but "  # type: ignore[attr-defined]
+                         f"this job has {world} ranks: pe.data.Loader(..., rank=pe.distributed.rank(), "
+                         "world_size=pe.distributed.world_size())")
+    if strategy.wrapped is None:
+        strategy.wrap(model)
+    trained = {id(p) for p in strategy.wrapped.parameters()}
+    if any(id(p) not in trained for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"the optimizer holds parameters that the {strategy.name!r}-wrapped model does not train "
+                         "(FSDP replaces them with sharded ones): wrap first, then build the optimizer, and pass the "
+                         "strategy object: s = pe.distributed.FullyShard(); model = s.wrap(model); "
+                         "opt = torch.optim.Adam(model.parameters()); pe.Trainer(model, opt, ..., strategy=s)")
+    return strategy
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
