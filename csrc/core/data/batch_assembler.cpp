@@ -69,6 +69,12 @@ Batch BatchAssembler::assemble(const uint64_t* indices, uint64_t n) const {
     auto* offsets = lay.offsets_offset >= 0 ? reinterpret_cast<int64_t*>(base + lay.offsets_offset) : nullptr;
     if (offsets != nullptr) offsets[0] = 0;
     for (uint64_t k = 0; k < n; ++k) {
+      if (k + 1 < n) {
+        // Random samples each start with a TLB and cache miss; touching the next one's first
+        // line now overlaps that miss with this copy.
+        const ShardFile& next = ds.shard(f, shard[k + 1]);
+        __builtin_prefetch(next.payload() + next.sample_offset(local[k + 1]));
+      }
       const ShardFile& file = ds.shard(f, shard[k]);
       const uint64_t size = file.sample_size(local[k]);
       cache_->copy(f * ns + shard[k], file.sample_offset(local[k]), size, dst);
