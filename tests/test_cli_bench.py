@@ -67,7 +67,7 @@ def test_frequency_part_writes_table_csv_json_and_plots(tmp_path, capsys) -> Non
     out = tmp_path / "out"
     assert run_tiny_study(out) == 0
     printed = capsys.readouterr().out
-    assert "Young/Daly for pe" in printed and "pe+OverheadBudget(0.01)" in printed
+    assert "Young/Daly for pe" in printed and "pe-overlap+OverheadBudget(0.01)" in printed
     assert "A/A" in printed and "Young/Daly for none" not in printed
     rows = list(csv.DictReader((out / "frequency.csv").open()))
     assert {(r["method"], r["interval"]) for r in rows} >= {("pe", "1"), ("pe", "2"), ("pe-overlap", "2"),
@@ -119,32 +119,34 @@ def test_the_study_config_refuses_unknown_models_and_methods() -> None:
 
 
 def synthetic_results() -> dict:
-    # 10 ms steps; pe saves cost 2 ms each and take 15 ms to persist; blocks of 100 steps.
+    # 10 ms steps; pe saves cost 2 ms each and take 15 ms to persist; 100 steps measured.
     def rounds(k: int, cost: float, persist: float) -> list[dict]:
         saves = 100 // k
-        return [{"seconds": 100 * 0.010 + saves * cost, "steps": 100, "baseline_step_seconds": 0.010,
+        return [{"seconds": 100 * 0.010 + saves * cost, "baseline_seconds": 100 * 0.010, "steps": 100,
                  "saves": saves, "stalls": [cost] * saves, "persists": [persist] * saves}]
 
     runs = [{"method": "pe", "interval": k, "rounds": rounds(k, 0.002, 0.015)} for k in (1, 2, 5, 10)]
+    runs[0]["rounds"][0]["seconds"] += 100 * 0.005  # k = 1 queues saves: 5 ms more each
     budget = rounds(20, 0.002, 0.015)
     budget[0]["interval"] = 20
-    runs.append({"method": "pe+OverheadBudget(0.01)", "interval": BUDGET, "rounds": budget})
+    runs.append({"method": "pe-overlap+OverheadBudget(0.01)", "interval": BUDGET, "rounds": budget})
+    runs.append({"method": "none", "interval": 1, "rounds": rounds(1, 0.0, 0.0)})
     cfg = {"mtbf_seconds": 60.0, "restart_seconds": 1.0, "repeats": 1}
-    return {"config": cfg, "models": {"3M": {"params": 3e6, "bytes": 3.6e7, "step_seconds": 0.01,
-                                             "block_steps": 100, "runs": runs}}}
+    return {"config": cfg, "models": {"3M": {"params": 3e6, "bytes": 3.6e7, "step_seconds": 0.01, "runs": runs}}}
 
 
 def test_tradeoff_analysis_from_known_measurements() -> None:
     results = analyse(synthetic_results())
     model = results["models"]["3M"]
-    by_k = {r["interval"]: r for r in model["rows"]}
+    by_k = {r["interval"]: r for r in model["rows"] if r["method"] != "none"}
     assert by_k[10]["overhead"] == pytest.approx(0.002 / (10 * 0.010))  # 2%
     assert by_k[10]["lost_per_failure_s"] == pytest.approx(10 * 0.010 / 2 + 0.015 + 1.0)
     assert by_k[10]["expected_waste"] == pytest.approx(0.02 + (0.05 + 0.015 + 1.0) / 60.0)
     assert by_k[BUDGET]["chosen_interval"] == 20 and by_k[BUDGET]["overhead"] == pytest.approx(0.01)
     pe = model["methods"]["pe"]
     assert pe["cost_s"] == pytest.approx(0.002)  # pooled over k >= 2 (k = 1 queues: 10 ms < 15 ms persist)
+    assert "none" not in model["methods"] and by_k[1]["overhead"] == pytest.approx(0.7)
     assert pe["daly_s"] == pytest.approx(daly_interval(0.002, 60.0))
     assert pe["daly_steps"] == pytest.approx(daly_interval(0.002, 60.0) / 0.010)
     text = table(results)
-    assert "20*" in text and "Young/Daly for pe" in text
+    assert "20*" in text and "Young/Daly for pe" in text and "A/A" in text

@@ -2,18 +2,18 @@
 time, for torch.save, DCP async_save and pyengine (blocking and overlapped snapshot), and what
 OverheadBudget chooses on its own. `tradeoff.py` turns the measurements into expected waste.
 
-How overhead is measured (the figures are ratios within one run; these machines are shared):
-blocks of training steps with checkpoints (C) alternate with blocks of the same model's steps
-without (B): B C B C ... B. Each C is compared with the mean per-step time of the B blocks on
-either side, so drift and noisy neighbours hit both alike, and every other round runs the
-configurations in reverse order. A C block ends only once its last save is durable, so the
-background persist's interference and the final wait are both counted.
+How overhead is measured (these machines are shared, so only same-run comparisons count):
+cycles with a checkpoint (C: a save and the k steps after it, until the save is durable)
+alternate with the same k steps without one (B), C B B C C B ..., so a neighbour's load hits
+both alike within a fraction of a second. Overhead = sum(C) / sum(B) - 1 over all cycles of a
+round. A C cycle ends only once its save is durable, so the persist's interference counts, and
+a persist longer than k steps counts in full. The A/A control ("none": C cycles that save
+nothing) shows how much of a figure is noise. Rounds run the configurations in alternating order.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,9 +37,9 @@ class FrequencyConfig:
         methods: ways to checkpoint, from savers.METHODS.
         intervals: checkpoint every k steps, for each k.
         repeats: rounds; each measures every configuration once.
-        block_seconds: a measured block lasts about this long (and is a multiple of k steps).
+        block_seconds: measured time per configuration and round (C and B cycles together).
         budget: also run pe with OverheadBudget(budget) (None: skip).
-        budget_blocks: the OverheadBudget block is this many blocks long (it must save several times).
+        budget_blocks: the OverheadBudget run lasts this many block_seconds (it must save several times).
         mtbf_seconds: assumed mean time between failures, for expected waste and Young/Daly.
         restart_seconds: assumed time to restart and restore after a failure.
         torch_threads: threads the training step uses. One by default: on a GPU machine the
@@ -82,7 +82,8 @@ class FrequencyConfig:
             raise ValueError(f"restart_seconds must be >= 0, got {self.restart_seconds!r}")
 
 
-QUICK = FrequencyConfig(models=("3M",), intervals=(1, 5, 10, 50), repeats=1, block_seconds=1.5)
+# `pyengine bench --quick`: one round on the small model, to fit the suite in about two minutes.
+QUICK = FrequencyConfig(models=("3M",), intervals=(1, 10, 50), repeats=1, block_seconds=1.0)
 
 
 def run_study(config: FrequencyConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -102,11 +103,10 @@ def run_study(config: FrequencyConfig, workdir: Path, log: Callable[[str], None]
 def measure_model(name: str, config: FrequencyConfig, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     workload = Workload.create(name)
     step_seconds = workload.warm_up(10)
-    block = max(1, math.ceil(config.block_seconds / step_seconds))
     log(f"[frequency] {name}: {workload.params / 1e6:.1f}M params, {workload.state_bytes() / 1e6:.0f} MB state, "
-        f"{step_seconds * 1e3:.1f} ms a step, blocks of ~{block} steps")
+        f"{step_seconds * 1e3:.1f} ms a step")
     savers: dict[str, Saver] = {m: make_saver(m, workload, workdir / m) for m in config.methods}
-    # The A/A control ("none") needs one block a round: any interval measures the same nothing.
+    # The A/A control ("none") needs one run a round: any interval measures the same nothing.
     runs: list[tuple[str, Any]] = [(m, k) for m in config.methods for k in
                                    ((1,) if m == CONTROL else config.intervals)]
     if config.budget is not None:
@@ -116,51 +116,85 @@ def measure_model(name: str, config: FrequencyConfig, workdir: Path, log: Callab
     steps = itertools.count(1)  # every checkpoint's step is larger than any before it
     try:
         for r in range(config.repeats):
-            before = baseline_block(workload, block)
             for method, every in runs if r % 2 == 0 else runs[::-1]:
                 saver = savers[method]
-                n = config.budget_blocks * block if every == BUDGET else every * math.ceil(block / every)
-                seconds, stalls = checkpoint_block(workload, saver, n, every, steps)
-                after = baseline_block(workload, block)
-                sample = {"seconds": seconds, "steps": n, "baseline_step_seconds": (before + after) / (2 * block),
-                          "saves": len(stalls), "stalls": stalls, "persists": saver.take_persists()}
-                if isinstance(saver, PeBudgetSave):
-                    sample["interval"] = saver.policy.interval
+                if every == BUDGET:
+                    seconds = config.budget_blocks * config.block_seconds
+                    sample = budget_cycles(workload, savers[BUDGET], seconds, steps)  # type: ignore[arg-type]
+                else:
+                    cycles = max(2, round(config.block_seconds / (2 * every * step_seconds)))
+                    sample = paired_cycles(workload, saver, every, cycles, steps)
                 rounds[(method, every)].append(sample)
-                before = after
-                overhead = seconds / (n * sample["baseline_step_seconds"]) - 1
+                overhead = sample["seconds"] / max(sample["baseline_seconds"], 1e-12) - 1
                 log(f"[frequency] {name} round {r + 1}/{config.repeats} {saver.name:<24} every {every!s:>6}: "
-                    f"{len(stalls):3d} saves, overhead {overhead * 100:+6.2f}%")
+                    f"{sample['saves']:3d} saves, overhead {overhead * 100:+6.2f}%")
     finally:
         for saver in savers.values():
             saver.close()
     return {"params": workload.params, "bytes": workload.state_bytes(), "step_seconds": step_seconds,
-            "block_steps": block,
             "runs": [{"method": savers[m].name, "interval": k, "rounds": rounds[(m, k)]} for m, k in runs]}
 
 
-def baseline_block(workload: Workload, n: int) -> float:
+def steps_seconds(workload: Workload, n: int) -> float:
+    """Seconds for n training steps without checkpoints."""
     t0 = time.perf_counter()
     for _ in range(n):
         workload.step()
     return time.perf_counter() - t0
 
 
-def checkpoint_block(workload: Workload, saver: Saver, n: int, every: Any,
-                      steps: Iterator[int]) -> tuple[float, list[float]]:
-    """Trains n steps, saving after every `every`-th (or when the budget policy says); returns
-    the seconds until the last save is durable and each save's stall."""
-    stalls: list[float] = []
-    t0 = time.perf_counter()
-    for i in range(n):
+def paired_cycles(workload: Workload, saver: Saver, every: int, cycles: int, steps: Iterator[int]) -> dict[str, Any]:
+    """`cycles` times: a save and the `every` steps after it, until the save is durable (C), and
+    the same steps without a save (B), alternating C B / B C so that neither always goes first."""
+    c_times, b_times, stalls = [], [], []
+    for j in range(cycles):
+        if j % 2:
+            b_times.append(steps_seconds(workload, every))
+        t0 = time.perf_counter()
+        stalls.append(saver.save(next(steps)))
+        for _ in range(every):
+            workload.step()
+            next(steps)
+        saver.finish()  # durable before the cycle counts as done (no-op when it already is)
+        c_times.append(time.perf_counter() - t0)
+        if not j % 2:
+            b_times.append(steps_seconds(workload, every))
+    return _sample(c_times, b_times, cycles * every, stalls, saver.take_persists())
+
+
+def budget_cycles(workload: Workload, saver: PeBudgetSave, seconds: float, steps: Iterator[int]) -> dict[str, Any]:
+    """Trains with OverheadBudget deciding, for about `seconds`: each span from one save to the
+    next (C) is followed by the same number of steps without a save (B), which the policy does
+    not see. Steps before the first save (warm-up) belong to neither."""
+    c_times, b_times, stalls = [], [], []
+    n_steps, since_save, opened = 0, 0, None
+    started = time.perf_counter()
+    saver.feed.pause()  # the time since the last round is not a training step
+    while True:
         workload.step()
+        since_save += 1
         step = next(steps)
-        if every == BUDGET:
-            assert isinstance(saver, PeBudgetSave)
-            stall = saver.maybe_save(step)
-            if stall is not None:
-                stalls.append(stall)
-        elif i % every == 0:  # the last save is followed by every - 1 steps, as in a long run
-            stalls.append(saver.save(step))
+        due = saver.feed.due(step)
+        overdue = time.perf_counter() - started >= 4 * seconds  # a policy that stopped saving
+        if not due and not overdue:
+            continue
+        if opened is not None:  # close the cycle that began at the previous save
+            saver.checkpointer.wait()
+            saver.feed.pause()  # reports that save as finished before the next one starts
+            c_times.append(time.perf_counter() - opened)
+            b_times.append(steps_seconds(workload, since_save))
+            n_steps += since_save
+        if overdue or (opened is not None and time.perf_counter() - started >= seconds):
+            break
+        opened, since_save = time.perf_counter(), 0
+        stalls.append(saver.save_now(step))
     saver.finish()
-    return time.perf_counter() - t0, stalls
+    sample = _sample(c_times, b_times, n_steps, stalls[:len(c_times)], saver.take_persists())
+    sample["interval"] = saver.policy.interval
+    return sample
+
+
+def _sample(c_times: list[float], b_times: list[float], n_steps: int, stalls: list[float],
+            persists: list[float]) -> dict[str, Any]:
+    return {"seconds": sum(c_times), "baseline_seconds": sum(b_times), "steps": n_steps, "saves": len(c_times),
+            "stalls": stalls, "persists": persists, "cycle_seconds": c_times, "baseline_cycle_seconds": b_times}

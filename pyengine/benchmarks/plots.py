@@ -72,7 +72,7 @@ def _overhead_panel(ax: Any, name: str, model: dict[str, Any], cfg: dict[str, An
     ax.set_yscale("symlog", linthresh=1.0)  # tens of percent and fractions of one on one axis
     ax.set_xlabel("checkpoint every k steps")
     ax.set_ylabel("overhead, % of training time")
-    ax.set_title(f"{name}: measured overhead (median, min..max)")
+    ax.set_title(f"{name}: measured overhead (all rounds; bars: round min..max)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 

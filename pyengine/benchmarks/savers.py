@@ -157,19 +157,19 @@ class PeSave(Saver):
 
 
 class PeBudgetSave(PeSave):
-    """pe.Checkpointer driven by OverheadBudget(fraction) through a PolicyFeed, exactly as
-    Checkpointer.maybe_save drives it; the feed is paused between measured blocks."""
+    """pe.Checkpointer with the overlapped snapshot, driven by OverheadBudget(fraction) through a
+    PolicyFeed exactly as Checkpointer.maybe_save(step, state, overlap=True) drives it; the feed
+    is paused while the baseline steps run."""
 
     def __init__(self, workload: Workload, directory: Path, fraction: float) -> None:
-        super().__init__(workload, directory)
-        self.name = f"pe+OverheadBudget({fraction:g})"
+        super().__init__(workload, directory, overlap=True)
+        self.name = f"pe-overlap+OverheadBudget({fraction:g})"
         self.policy = OverheadBudget(fraction)
         self.feed = PolicyFeed(self.policy)
 
-    def maybe_save(self, step: int) -> float | None:
-        if not self.feed.due(step):
-            return None
-        handle = self.checkpointer.save(step, self.workload.state())
+    def save_now(self, step: int) -> float:
+        """Saves after `feed.due(step)` said so, and tells the feed, as maybe_save does."""
+        handle = self.checkpointer.save(step, self.workload.state(), overlap=True)
         self.feed.saved(step, handle)
         self._handles.append(handle)
         return handle.stall_seconds

@@ -20,16 +20,16 @@ from pyengine.benchmarks.frequency import BUDGET
 from pyengine.benchmarks.savers import CONTROL
 from pyengine.checkpoint.policies import daly_interval, young_interval
 
-CSV_FIELDS = ["model", "method", "interval", "steps_per_block", "saves_per_block", "overhead_pct_median",
-              "overhead_pct_min", "overhead_pct_max", "stall_ms", "persist_ms", "lost_per_failure_s",
-              "expected_waste_pct"]
+CSV_FIELDS = ["model", "method", "interval", "steps_measured", "saves", "overhead_pct", "overhead_pct_min_round",
+              "overhead_pct_max_round", "stall_ms", "persist_ms", "lost_per_failure_s", "expected_waste_pct"]
 
 
 def analyse(results: dict[str, Any]) -> dict[str, Any]:
     """Adds `rows` (one per method and interval) and `methods` (cost and Young/Daly) to each model."""
     cfg = results["config"]
     for model in results["models"].values():
-        step = statistics.median(s["baseline_step_seconds"] for run in model["runs"] for s in run["rounds"])
+        step = statistics.median(s["baseline_seconds"] / s["steps"] for run in model["runs"] for s in run["rounds"]
+                                 if s["steps"])
         model["baseline_step_seconds"] = step
         model["rows"] = [_row(run, step, cfg) for run in model["runs"]]
         model["methods"] = {}
@@ -39,17 +39,21 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def _ratio(seconds: float, baseline: float) -> float:
+    return seconds / baseline - 1 if baseline > 0 else float("nan")
+
+
 def _row(run: dict[str, Any], step: float, cfg: dict[str, Any]) -> dict[str, Any]:
     rounds = run["rounds"]
-    overheads = [s["seconds"] / (s["steps"] * s["baseline_step_seconds"]) - 1 for s in rounds]
+    per_round = [_ratio(s["seconds"], s["baseline_seconds"]) for s in rounds]
     stalls = [x for s in rounds for x in s["stalls"]]
     persists = [x for s in rounds for x in s["persists"]]
     persist = statistics.median(persists) if persists else 0.0
     interval = rounds[-1].get("interval") if run["interval"] == BUDGET else run["interval"]
-    overhead = statistics.median(overheads)
+    overhead = _ratio(sum(s["seconds"] for s in rounds), sum(s["baseline_seconds"] for s in rounds))
     row = {"method": run["method"], "interval": run["interval"], "chosen_interval": interval,
-           "steps_per_block": rounds[0]["steps"], "saves_per_block": statistics.median(s["saves"] for s in rounds),
-           "overhead": overhead, "overhead_min": min(overheads), "overhead_max": max(overheads),
+           "steps": sum(s["steps"] for s in rounds), "saves": sum(s["saves"] for s in rounds),
+           "overhead": overhead, "overhead_min": min(per_round), "overhead_max": max(per_round),
            "stall_s": statistics.median(stalls) if stalls else 0.0, "persist_s": persist}
     if interval and run["method"] != CONTROL:
         lost = interval * step / 2 + persist + cfg["restart_seconds"]
@@ -64,7 +68,7 @@ def _optimum(model: dict[str, Any], method: str, step: float, cfg: dict[str, Any
     persist = statistics.median(r["persist_s"] for r in rows)
     runs = [r for r in model["runs"] if r["method"] == method]
     eligible = [r for r in runs if r["interval"] * step >= persist] or runs
-    extra = sum(s["seconds"] - s["steps"] * s["baseline_step_seconds"] for r in eligible for s in r["rounds"])
+    extra = sum(s["seconds"] - s["baseline_seconds"] for r in eligible for s in r["rounds"])
     saves = sum(s["saves"] for r in eligible for s in r["rounds"])
     cost = max(extra / saves, 0.0) if saves else 0.0
     mtbf = cfg["mtbf_seconds"]
@@ -87,7 +91,7 @@ def table(results: dict[str, Any]) -> str:
                    f"{m['baseline_step_seconds'] * 1e3:.1f} ms a step without checkpoints; "
                    f"{cfg.get('torch_threads', 1)} torch thread(s); assumed MTBF {cfg['mtbf_seconds']:g} s, "
                    f"restart {cfg['restart_seconds']:g} s; {cfg['repeats']} round(s)")
-        out.append(f"  {'method':<24}{'every':>6}{'overhead % median [min, max]':>32}{'stall ms':>10}"
+        out.append(f"  {'method':<24}{'every':>6}{'overhead % [round min, max]':>32}{'stall ms':>10}"
                    f"{'persist ms':>12}{'lost/fail s':>13}{'exp. waste %':>14}")
         for r in m["rows"]:
             every = f"{r['chosen_interval']}*" if r["interval"] == BUDGET else str(r["interval"])
@@ -102,7 +106,7 @@ def table(results: dict[str, Any]) -> str:
                        f"{o['daly_s']:6.2f} s = {o['daly_steps']:7.1f} steps (Young {o['young_s']:.2f} s), "
                        f"model waste {o['daly_expected_waste'] * 100:.2f}%")
         if any(r["method"] == CONTROL for r in m["rows"]):
-            out.append("  A/A: blocks that save nothing, measured like the others: the noise of this measurement")
+            out.append("  A/A: cycles that save nothing, measured like the others: the noise of this measurement")
         if any(r["interval"] == BUDGET for r in m["rows"]):
             out.append("  * the interval OverheadBudget had chosen by the end of the run (it adapts online)")
         out.append("")
@@ -117,10 +121,10 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             for r in m["rows"]:
                 writer.writerow({
                     "model": name, "method": r["method"], "interval": r["chosen_interval"],
-                    "steps_per_block": r["steps_per_block"], "saves_per_block": r["saves_per_block"],
-                    "overhead_pct_median": round(r["overhead"] * 100, 3),
-                    "overhead_pct_min": round(r["overhead_min"] * 100, 3),
-                    "overhead_pct_max": round(r["overhead_max"] * 100, 3),
+                    "steps_measured": r["steps"], "saves": r["saves"],
+                    "overhead_pct": round(r["overhead"] * 100, 3),
+                    "overhead_pct_min_round": round(r["overhead_min"] * 100, 3),
+                    "overhead_pct_max_round": round(r["overhead_max"] * 100, 3),
                     "stall_ms": round(r["stall_s"] * 1e3, 3), "persist_ms": round(r["persist_s"] * 1e3, 3),
                     "lost_per_failure_s": round(r.get("lost_per_failure_s", float("nan")), 4),
                     "expected_waste_pct": round(r.get("expected_waste", float("nan")) * 100, 3),
