@@ -62,7 +62,8 @@ class LocalSGD:
         if not is_distributed():
             return
         tensors = self._tensors()
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        dtype = tensors[0].dtype if len({t.dtype for t in tensors}) == 1 else torch.float64
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
         dist.all_reduce(flat)
         flat /= world_size()
         offset = 0
@@ -74,7 +75,9 @@ class LocalSGD:
         self.averagings += 1
 
     def bytes_per_averaging(self) -> int:
-        return sum(t.numel() * 8 for t in self._tensors())
+        tensors = self._tensors()
+        itemsize = tensors[0].element_size() if len({t.dtype for t in tensors}) == 1 else 8
+        return sum(t.numel() for t in tensors) * itemsize
 
     def _tensors(self) -> list[torch.Tensor]:
         if self.module is None:
