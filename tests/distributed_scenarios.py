@@ -141,6 +141,7 @@ def scenario_train(out: Path) -> dict:
     report["trainer"] = scenario_trainer(out)
     report["unfreeze"] = scenario_unfreeze(out)
     report["failed_save"] = scenario_failed_save(out)
+    report["policy_steps"] = scenario_policy(out)
     return report
 
 
@@ -257,6 +258,21 @@ def scenario_failed_save(out: Path) -> str:
         leftovers = [p.name for p in (out / "ckpt-fail").iterdir() if ".tmp-" in p.name]
         assert not leftovers, leftovers
     return message
+
+
+def scenario_policy(out: Path) -> list[int]:
+    """Ranks whose policies disagree still save together: rank 0 decides for all."""
+    model = pe.distributed.DataParallel().wrap(make_model())
+    every = 2 if pe.distributed.rank() == 0 else 3
+    with pe.Checkpointer(out / "ckpt-policy", keep_last=0, policy=pe.checkpoint.Every(steps=every)) as ckpt:
+        for step in range(1, 7):
+            handle = ckpt.maybe_save(step, {"model": model})
+            if handle is not None:
+                handle.wait()
+                assert handle.stats["persist_seconds"] > 0
+        steps = ckpt.steps()
+    assert steps == [2, 4, 6], steps
+    return steps
 
 
 def scenario_reshard(out: Path) -> dict:

@@ -74,6 +74,10 @@ def test_trainer_strategies_train_and_ddp_is_rewrapped_after_unfreezing(trained:
     assert "FSDP replaces them" in r["fsdp_optimizer_first"]
 
 
+def test_maybe_save_follows_rank_0_so_ranks_never_split(trained: Path) -> None:
+    assert report(trained, "train", 1)["policy_steps"] == [2, 4, 6]
+
+
 def test_a_failed_rank_fails_the_save_on_every_rank(trained: Path) -> None:
     for rank in (0, 1):
         assert "rank 1: OSError" in report(trained, "train", rank)["failed_save"]

@@ -195,7 +195,10 @@ class Checkpointer:
         if self._policy_feed is None:
             raise ValueError("maybe_save() needs a policy, e.g. "
                              "Checkpointer(directory, policy=pe.checkpoint.Every(steps=100))")
-        if not self._policy_feed.due(step):
+        due = self._policy_feed.due(step)
+        if self._sharded is not None:
+            due = self._sharded.agree(due)  # every rank must save, or none
+        if not due:
             return None
         handle = self.save(step, state, **save_kwargs)
         self._policy_feed.saved(step, handle)

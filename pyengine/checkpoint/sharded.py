@@ -82,6 +82,7 @@ class ShardedSaveHandle:
     def __init__(self, step: int, stall_seconds: float, path: Path) -> None:
         self.step = step
         self.stall_seconds = stall_seconds
+        self.persist_seconds = 0.0  # save() to commit (or failure), set by the commit thread
         self.path = path
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -103,8 +104,8 @@ class ShardedSaveHandle:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"step": self.step, "stall_seconds": self.stall_seconds, "done": self.done(),
-                "failed": self._error is not None, "path": str(self.path)}
+        return {"step": self.step, "stall_seconds": self.stall_seconds, "persist_seconds": self.persist_seconds,
+                "done": self.done(), "failed": self._error is not None, "path": str(self.path)}
 
 
 class ShardedSaver:
@@ -122,6 +123,8 @@ class ShardedSaver:
         self.directory = directory
         self.keep_last = keep_last
         self.group = checkpoint_group()  # collective: every rank constructs its Checkpointer
+        # maybe_save() decisions travel on their own group: the commit thread may be using `group`.
+        self._decisions = dist.new_group(backend="gloo")
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self._options = {k: writer_options[k] for k in ("max_shards", "copy_threads", "staging_cap_bytes")}
@@ -154,10 +157,16 @@ class ShardedSaver:
         handle.stall_seconds = time.perf_counter() - started
         handle._thread = threading.Thread(
             target=self._commit, name=f"pyengine-ckpt-commit-{step}", daemon=True,
-            args=(handle, tmp, writer, save_id, pieces, shared, failure))
+            args=(handle, tmp, writer, save_id, pieces, shared, failure, started))
         handle._thread.start()
         self._last = handle
         return handle
+
+    def agree(self, due: bool) -> bool:
+        """Rank 0's answer to "save now?", so that a time-based policy cannot split the ranks."""
+        flag = torch.tensor([1 if due else 0], dtype=torch.int32)
+        dist.broadcast(flag, src=0, group=self._decisions)
+        return bool(flag.item())
 
     def wait(self) -> None:
         if self._last is not None:
@@ -165,7 +174,7 @@ class ShardedSaver:
             last.wait()
 
     def _commit(self, handle: ShardedSaveHandle, tmp: Path, writer: Any, save_id: int,
-                pieces: list[dict], shared: Any, failure: BaseException | None) -> None:
+                pieces: list[dict], shared: Any, failure: BaseException | None, started: float) -> None:
         try:
             error = None if failure is None else f"{type(failure).__name__}: {failure}"
             if writer is not None:
@@ -193,6 +202,8 @@ class ShardedSaver:
         except BaseException as e:  # noqa: BLE001 - re-raised by handle.wait()
             handle._error = e if isinstance(e, CheckpointError) else CheckpointError(
                 f"distributed save of step {handle.step} failed, nothing was committed: {type(e).__name__}: {e}")
+        finally:
+            handle.persist_seconds = time.perf_counter() - started
 
     def _write_manifest(self, tmp: Path, step: int, gathered: list[Any]) -> None:
         tensors: dict[str, dict] = {}
