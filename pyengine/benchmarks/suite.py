@@ -25,6 +25,9 @@ from pyengine.benchmarks.plots import matplotlib_missing, plot_frequency
 from pyengine.benchmarks.tradeoff import analyse, table, write_csv
 
 PARTS = ("checkpoint", "loader", "checkpoint-frequency", "tuning")
+# Each script's own options for a short run (bench_tuning.py has no --quick: one problem, two seeds).
+QUICK_ARGS = {"loader": ["--quick"],
+              "tuning": ["--problems", "branin", "--methods", "random,pyengine-bayes", "--seeds", "2", "--evals", "25"]}
 
 
 @dataclass
@@ -107,7 +110,8 @@ def run_suite(parts: tuple[str, ...], quick: bool, outdir: Path, workdir: Path, 
                                                           str(outdir / "checkpoint.json")],
                             bench_dir, outdir, timeout, log)
         elif part in ("loader", "tuning"):
-            r = script_part(part, f"bench_{part}.py", ["--quick"] if quick else [], bench_dir, outdir, timeout, log)
+            args = QUICK_ARGS[part] if quick else []
+            r = script_part(part, f"bench_{part}.py", args, bench_dir, outdir, timeout, log)
         elif part == "checkpoint-frequency":
             r = frequency_part(frequency or (QUICK if quick else FrequencyConfig()), outdir, workdir, log)
         else:

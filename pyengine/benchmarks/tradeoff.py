@@ -91,7 +91,7 @@ def table(results: dict[str, Any]) -> str:
                    f"{m['baseline_step_seconds'] * 1e3:.1f} ms a step without checkpoints; "
                    f"{cfg.get('torch_threads', 1)} torch thread(s); assumed MTBF {cfg['mtbf_seconds']:g} s, "
                    f"restart {cfg['restart_seconds']:g} s; {cfg['repeats']} round(s)")
-        out.append(f"  {'method':<24}{'every':>6}{'overhead % [round min, max]':>32}{'stall ms':>10}"
+        out.append(f"  {'method':<32}{'every':>6}{'overhead % [round min, max]':>32}{'stall ms':>10}"
                    f"{'persist ms':>12}{'lost/fail s':>13}{'exp. waste %':>14}")
         for r in m["rows"]:
             every = f"{r['chosen_interval']}*" if r["interval"] == BUDGET else str(r["interval"])
@@ -99,7 +99,7 @@ def table(results: dict[str, Any]) -> str:
             spread = f"{r['overhead'] * 100:7.2f} [{r['overhead_min'] * 100:6.2f}, {r['overhead_max'] * 100:6.2f}]"
             waste = f"{r['expected_waste'] * 100:14.2f}" if "expected_waste" in r else f"{'-':>14}"
             lost = f"{r['lost_per_failure_s']:13.2f}" if "lost_per_failure_s" in r else f"{'-':>13}"
-            out.append(f"  {r['method']:<24}{every:>6}{spread:>32}{r['stall_s'] * 1e3:10.1f}"
+            out.append(f"  {r['method']:<32}{every:>6}{spread:>32}{r['stall_s'] * 1e3:10.1f}"
                        f"{r['persist_s'] * 1e3:12.1f}{lost}{waste}")
         for method, o in m["methods"].items():
             out.append(f"  Young/Daly for {method:<15} cost per save {o['cost_s'] * 1e3:7.1f} ms -> every "
