@@ -113,3 +113,12 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def train_step_seconds(model, opt, batch: torch.Tensor) -> float:
+    """One forward/backward/optimizer step of the benchmark model."""
+    t0 = time.perf_counter()
+    model(batch).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
