@@ -106,9 +106,10 @@ def measure_model(name: str, config: FrequencyConfig, workdir: Path, log: Callab
     log(f"[frequency] {name}: {workload.params / 1e6:.1f}M params, {workload.state_bytes() / 1e6:.0f} MB state, "
         f"{step_seconds * 1e3:.1f} ms a step")
     savers: dict[str, Saver] = {m: make_saver(m, workload, workdir / m) for m in config.methods}
-    # The A/A control ("none") needs one run a round: any interval measures the same nothing.
+    # The A/A control ("none") needs one run a round, with cycles as long as a middle interval's.
+    middle = sorted(config.intervals)[len(config.intervals) // 2]
     runs: list[tuple[str, Any]] = [(m, k) for m in config.methods for k in
-                                   ((1,) if m == CONTROL else config.intervals)]
+                                   ((middle,) if m == CONTROL else config.intervals)]
     if config.budget is not None:
         savers[BUDGET] = PeBudgetSave(workload, workdir / BUDGET, config.budget)
         runs.append((BUDGET, BUDGET))

@@ -63,14 +63,15 @@ def _row(run: dict[str, Any], step: float, cfg: dict[str, Any]) -> dict[str, Any
 
 def _optimum(model: dict[str, Any], method: str, step: float, cfg: dict[str, Any]) -> dict[str, Any]:
     """Pools the extra seconds per save over the intervals whose saves do not queue (k * step >=
-    persist), then applies Young and Daly to that cost."""
+    persist), at least the median stall, then applies Young and Daly to that cost."""
     rows = [r for r in model["rows"] if r["method"] == method]
     persist = statistics.median(r["persist_s"] for r in rows)
     runs = [r for r in model["runs"] if r["method"] == method]
     eligible = [r for r in runs if r["interval"] * step >= persist] or runs
     extra = sum(s["seconds"] - s["baseline_seconds"] for r in eligible for s in r["rounds"])
     saves = sum(s["saves"] for r in eligible for s in r["rounds"])
-    cost = max(extra / saves, 0.0) if saves else 0.0
+    stall = statistics.median(r["stall_s"] for r in rows)
+    cost = max(extra / saves if saves else 0.0, stall)  # noise can hide the cost, never below the stall
     mtbf = cfg["mtbf_seconds"]
     daly = max(daly_interval(cost, mtbf), persist)
     return {"cost_s": cost, "persist_s": persist, "young_s": young_interval(cost, mtbf), "daly_s": daly,
