@@ -32,6 +32,12 @@ interleaves with training collectives:
     from wait() when any rank failed. A rank that dies mid-save breaks the gather, so nothing
     is committed; the temp directory is removed when a Checkpointer next opens DIR.
 
+Contract for callers: every rank constructs its Checkpointer (that creates the checkpoint
+groups, a collective) and calls save() / maybe_save() for the same steps. An error in one
+rank's save() (bad state, full disk) is reported by wait() (or the next save()) on every
+rank, never raised at once on one rank only, which would leave the others waiting.
+maybe_save() follows rank 0's policy decision. The copy is synchronous (overlap=False).
+
 The single-process path (pe.Checkpointer without a distributed world) never comes here.
 Restore reads the pieces of each tensor it needs and reassembles the global tensor, so a
 checkpoint loads at any world size, and into DTensor targets (see dtensors.py).
