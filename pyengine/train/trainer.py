@@ -184,14 +184,15 @@ class Trainer:
                 loss = self.runner.forward(batch)
                 if loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}")
-                if torch.isfinite(loss):
+                value = loss.item()  # one host sync per step: the NaN check and the running mean share it
+                if math.isfinite(value):
                     self.runner.backward_and_step(loss)
                     if self.strategy is not None:
                         self.strategy.after_optimizer_step()  # local SGD averages here (a collective)
-                    loss_sum += loss.item()
+                    loss_sum += value
                     loss_count += 1
                 else:
-                    self._nonfinite(float(loss.detach()), schedule)  # raises, or skips this update
+                    self._nonfinite(value, schedule)  # raises, or skips this update
                 self._progress.step += 1
                 samples += batch_size_of(batch)
                 bar.update(1)
