@@ -97,6 +97,21 @@ def test_a_two_rank_checkpoint_restores_into_a_plain_model(trained: Path, name: 
     assert len(opt.state) == 4 and all(s["exp_avg"].shape == p.shape for p, s in opt.state.items())
 
 
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_inspect_and_export_weights_read_two_rank_checkpoints(trained: Path, name: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file
+
+    from pyengine.cli import main
+
+    assert main(["inspect", str(trained / f"ckpt-{name}")]) == 0
+    out = capsys.readouterr().out
+    assert "CORRUPT" not in out and f"restore would use step {scen.STEPS}" in out
+    weights = load_file(pe.checkpoint.export_weights(trained / f"ckpt-{name}", tmp_path / "w.safetensors"))
+    expected = torch.load(trained / f"{name}_state.pt")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
 def test_each_rank_writes_part_of_the_replicated_state(trained: Path) -> None:
     for rank in (0, 1):
         assert report(trained, "train", rank)["ddp_bytes_rank"] > 0

@@ -11,6 +11,7 @@ import torch
 
 from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint.manifest import read_manifest, read_tensors
+from pyengine.checkpoint.sharded import ShardedStep, read_sharded_manifest
 from pyengine.checkpoint.state_codec import tensor_names
 from pyengine.errors import CheckpointError
 
@@ -38,15 +39,21 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
             raise CheckpointError(f"{root} holds no committed checkpoint")
         chosen = steps[-1] if step is None else step
         step_path = ckdir.step_dir(root, chosen)
-    manifest = read_manifest(step_path)
-    objects = manifest.state.get("objects", {}) if isinstance(manifest.state, dict) else {}
+    doc = read_sharded_manifest(step_path)
+    if doc is not None:  # written by several ranks: shared tensors are reassembled from their pieces
+        sharded = ShardedStep(step_path, doc, rank=0, threads=4)
+        objects, read = sharded.objects, sharded.read
+    else:
+        manifest = read_manifest(step_path)
+        objects = manifest.state.get("objects", {}) if isinstance(manifest.state, dict) else {}
+        read = lambda names: read_tensors(manifest, names)  # noqa: E731
     if key not in objects:
         raise CheckpointError(f"{step_path} has no {key!r}; it holds {sorted(objects)}")
-    names = tensor_names(objects[key])
-    tensors = read_tensors(manifest, names)
+    tensors = read(tensor_names(objects[key]))
     prefix = f"{key}/"
     weights = {name[len(prefix):]: t for name, t in tensors.items()}
-    return _write_safetensors(weights, Path(out_path), {"source": str(step_path), "step": str(manifest.step)})
+    step_number = int(step_path.name.removeprefix("step-"))
+    return _write_safetensors(weights, Path(out_path), {"source": str(step_path), "step": str(step_number)})
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint.manifest import read_manifest, verify_files
+from pyengine.checkpoint.sharded import read_sharded_manifest
 from pyengine.errors import CheckpointError
 
 
@@ -35,10 +36,13 @@ def inspect_directory(root: str | Path) -> list[CheckpointInfo]:
     for step in ckdir.committed_steps(root):
         path = ckdir.step_dir(root, step)
         try:
-            manifest = read_manifest(path)
-            verify_files(manifest)
-            infos.append(CheckpointInfo(step, path, manifest.total_bytes, manifest.created_unix,
-                                        len(manifest.tensors), None))
+            # A rank-sharded step holds one ordinary checkpoint per rank under a top manifest.
+            doc = read_sharded_manifest(path)
+            parts = [read_manifest(path / part) for part in doc["parts"]] if doc else [read_manifest(path)]
+            for manifest in parts:
+                verify_files(manifest)
+            infos.append(CheckpointInfo(step, path, sum(m.total_bytes for m in parts),
+                                        max(m.created_unix for m in parts), sum(len(m.tensors) for m in parts), None))
         except (CheckpointError, OSError) as e:
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             infos.append(CheckpointInfo(step, path, size, os.path.getmtime(path), 0, str(e)))
