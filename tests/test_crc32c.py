@@ -18,7 +18,7 @@ def test_known_check_value():
     assert _core.crc32c_portable(_bytes(b"123456789")) == 0xE3069283
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 4096, 100_003])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 4096, 24_575, 24_576, 24_583, 100_003, 1_000_001])
 def test_hardware_and_table_agree(n):
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
     assert _core.crc32c(data) == _core.crc32c_portable(data)

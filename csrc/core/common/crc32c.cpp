@@ -32,9 +32,51 @@ const Tables& tables() {
 }
 
 #ifdef PE_CRC32C_X86
+// Advances a raw CRC register over `len` zero bytes: the linear map M^len, as four byte
+// tables. It lets three independent streams be stitched back into one CRC.
+class ZeroShift {
+ public:
+  explicit ZeroShift(uint64_t len) {
+    uint32_t column[32];
+    for (int i = 0; i < 32; ++i) column[i] = crc32c_combine(1u << i, 0, len);  // M^len e_i
+    for (int k = 0; k < 4; ++k)
+      for (int b = 0; b < 256; ++b) {
+        uint32_t v = 0;
+        for (int i = 0; i < 8; ++i)
+          if (b & (1 << i)) v ^= column[8 * k + i];
+        table_[k][b] = v;
+      }
+  }
+  uint32_t operator()(uint32_t x) const {
+    return table_[0][x & 0xFF] ^ table_[1][(x >> 8) & 0xFF] ^ table_[2][(x >> 16) & 0xFF] ^ table_[3][x >> 24];
+  }
+
+ private:
+  uint32_t table_[4][256];
+};
+
 __attribute__((target("sse4.2"))) uint32_t extend_sse42(uint32_t crc, const uint8_t* p, size_t n) {
-  // One stream runs at ~8 bytes per 3 cycles, far above disk speed; no need to interleave.
   uint64_t c = ~crc;
+  // The instruction has a latency of 3 cycles and a throughput of 1: three streams over
+  // adjacent blocks keep it busy (~3x one stream), then their registers are combined.
+  constexpr size_t kBlock = 8192;
+  static const ZeroShift kShift(kBlock);
+  while (n >= 3 * kBlock) {
+    uint64_t c1 = 0, c2 = 0;
+    for (size_t i = 0; i < kBlock; i += 8) {
+      uint64_t a, b, d;
+      std::memcpy(&a, p + i, 8);
+      std::memcpy(&b, p + kBlock + i, 8);
+      std::memcpy(&d, p + 2 * kBlock + i, 8);
+      c = _mm_crc32_u64(c, a);
+      c1 = _mm_crc32_u64(c1, b);
+      c2 = _mm_crc32_u64(c2, d);
+    }
+    uint32_t merged = kShift(static_cast<uint32_t>(c)) ^ static_cast<uint32_t>(c1);
+    c = kShift(merged) ^ static_cast<uint32_t>(c2);
+    p += 3 * kBlock;
+    n -= 3 * kBlock;
+  }
   while (n >= 8) {
     uint64_t v;
     std::memcpy(&v, p, 8);
