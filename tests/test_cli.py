@@ -45,7 +45,8 @@ def test_inspect_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):
 def test_demo_runs_every_section_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     # From a directory other than the checkout, whose pyengine/ (no compiled core) would shadow the installed one.
-    result = subprocess.run([sys.executable, "-m", "pyengine", "demo", "--quick", "--out", str(out)],
+    # A relative --out, as `pyengine demo` uses by default (./pyengine-demo).
+    result = subprocess.run([sys.executable, "-m", "pyengine", "demo", "--quick", "--out", "demo"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = (out / "report.md").read_text()

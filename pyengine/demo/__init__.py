@@ -15,6 +15,7 @@ from pyengine.demo.section import Section
 
 def run_demo(out: Path, quick: bool = False) -> tuple[Path, list[Section]]:
     """Runs every section, writes out/report.md and plots; returns the report path and sections."""
+    out = out.resolve()  # child processes run in other directories
     out.mkdir(parents=True, exist_ok=True)
     work = out / "runs"
     # The demo's models are small: one intra-op thread is fastest for them, and it keeps the

@@ -36,6 +36,7 @@ def _final(run_dir: Path) -> tuple[int, dict]:
 
 def run(workdir: Path, quick: bool) -> Section:
     section = Section("Crash and exact resume")
+    workdir = workdir.resolve()  # the training processes run with workdir as their current directory
     data = workdir / "data"
     synthetic.write(data, *synthetic.teacher_task(4096, seed=3))
     subprocess.run(_command(workdir / "uninterrupted", data), env=_env(), check=True, capture_output=True, cwd=workdir)
