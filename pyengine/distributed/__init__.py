@@ -1,7 +1,7 @@
 """Distribution strategies on torch.distributed, usable in a plain loop or via pe.Trainer.
 
     pe.distributed.init()                       # joins a torchrun job; a no-op under plain python
-    strategy = pe.distributed.DataParallel()    # or FullyShard(), LocalSGD(period=8)
+    strategy = pe.distributed.DataParallel()    # or FullyShard(), LocalSGD(period=8), TensorParallel()
     model = strategy.wrap(model)
     loader = pe.data.Loader(ds, 32, rank=pe.distributed.rank(), world_size=pe.distributed.world_size())
     ...  loss.backward(); opt.step(); strategy.after_optimizer_step()
@@ -26,6 +26,7 @@ from pyengine.distributed.process_group import (
     world_size,
 )
 from pyengine.distributed.strategies import STRATEGIES, make_strategy
+from pyengine.distributed.tensor_parallel import TensorParallel
 from pyengine.distributed.trainable_guard import TrainableSetChanged
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Hogwild",
     "HogwildWorkerError",
     "LocalSGD",
+    "TensorParallel",
     "TrainableSetChanged",
     "barrier",
     "checkpoint_group",

@@ -8,8 +8,10 @@ from pyengine.distributed.data_parallel import DataParallel
 from pyengine.distributed.fully_sharded import FullyShard
 from pyengine.distributed.hogwild import Hogwild
 from pyengine.distributed.local_sgd import LocalSGD
+from pyengine.distributed.tensor_parallel import TensorParallel
 
-STRATEGIES: dict[str, type[Any]] = {"ddp": DataParallel, "fsdp": FullyShard, "local_sgd": LocalSGD, "hogwild": Hogwild}
+STRATEGIES: dict[str, type[Any]] = {"ddp": DataParallel, "fsdp": FullyShard, "local_sgd": LocalSGD, "hogwild": Hogwild,
+                                 "tensor": TensorParallel}
 
 
 def make_strategy(strategy: str | Any, **options: Any) -> Any:

@@ -1,0 +1,123 @@
+"""Scenarios the model-parallel tests launch under torchrun (`python -m torch.distributed.run`).
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/model_parallel_scenarios.py tensor OUT
+
+Each scenario asserts on every rank and writes its figures to OUT/<scenario>-rank<R>.json; a
+non-zero exit fails the test. The reference is the same model trained in this process alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import pyengine as pe
+
+STEPS = 4
+TOLERANCE = 1e-5
+
+
+def make_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Two MLP blocks: the default plan shards 0 and 3 column-wise, 2 and 5 row-wise; the odd
+    # last Linear stays whole, so a replicated layer trains beside the sharded ones.
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.GELU(),
+        torch.nn.Linear(16, 8),
+        torch.nn.Linear(8, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 8),
+        torch.nn.Linear(8, 1),
+    )
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same batches on every rank: tensor parallelism splits the model, not the data."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)) for _ in range(STEPS)]
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Global tensors on every rank (full_tensor() is a collective: every rank calls it)."""
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
+    }
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def fit(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[float]]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for x, y in batches():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def scenario_tensor(out: Path) -> dict:
+    rank = pe.distributed.rank()
+    ref, _, ref_losses = fit(make_mlp())
+    ref_state = full_state(ref)
+
+    strategy = pe.distributed.make_strategy("tensor")
+    tp = strategy.wrap(make_mlp())
+    weight = dict(tp.named_parameters())["0.weight"]
+    # The test is only meaningful if the layers really are split: half the rows live here.
+    assert type(weight).__name__ == "DTensor" and weight.to_local().shape == (8, 8), weight
+    assert type(dict(tp.named_parameters())["6.weight"]).__name__ != "DTensor"
+    tp, opt, losses = fit(tp)
+    report = {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "weight_diff": max_diff(full_state(tp), ref_state),
+    }
+    assert report["loss_diff"] <= TOLERANCE and report["weight_diff"] <= TOLERANCE, report
+
+    with pe.Checkpointer(out / "ckpt-tensor") as ckpt:
+        ckpt.save(STEPS, {"model": tp, "optimizer": opt}).wait()
+    tp_state = full_state(tp)
+    if rank == 0:
+        torch.save(tp_state, out / "tensor_state.pt")
+
+    # The same checkpoint restores into a fresh tensor-parallel model at this world size.
+    again = pe.distributed.TensorParallel().wrap(make_mlp())
+    again_opt = torch.optim.Adam(again.parameters(), lr=1e-2)
+    with pe.Checkpointer(out / "ckpt-tensor") as ckpt:
+        assert ckpt.restore({"model": again, "optimizer": again_opt}) == STEPS
+    report["restore_tp_diff"] = max_diff(full_state(again), tp_state)
+    assert report["restore_tp_diff"] == 0.0, report
+
+    # The other way round: a checkpoint a plain process wrote (the test, before the launch)
+    # restores into the tensor-parallel model, each rank cutting out its own shard.
+    plain = pe.distributed.TensorParallel().wrap(make_mlp())
+    with pe.Checkpointer(out / "ckpt-plain") as ckpt:
+        assert ckpt.restore({"model": plain}) == STEPS
+    report["plain_to_tp_diff"] = max_diff(full_state(plain), torch.load(out / "plain_state.pt"))
+    assert report["plain_to_tp_diff"] == 0.0, report
+    return report
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    pe.distributed.init()
+    report = {"tensor": scenario_tensor}[scenario](out)
+    (out / f"{scenario}-rank{pe.distributed.rank()}.json").write_text(json.dumps(report, indent=1))
+    pe.distributed.barrier()
+    pe.distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Model parallelism (tensor parallel) with real 2-rank torchrun launches on gloo.
+
+The launch (tests/model_parallel_scenarios.py) asserts on every rank; these tests check its
+exit status and the figures it writes, then restore its checkpoint in this plain process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyengine as pe
+
+pytestmark = pytest.mark.distributed
+
+SCENARIOS = Path(__file__).with_name("model_parallel_scenarios.py")
+sys.path.insert(0, str(SCENARIOS.parent))
+import model_parallel_scenarios as scen  # noqa: E402
+
+
+def torchrun(nproc: int, scenario: str, out: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(SCENARIOS),
+        scenario,
+        str(out),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def tensor_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain checkpoint for the launch to restore, then one 2-rank tensor-parallel launch."""
+    out = tmp_path_factory.mktemp("tp")
+    model, _, _ = scen.fit(scen.make_mlp())
+    torch.manual_seed(5)
+    for p in model.parameters():  # distinct from anything the launch trains itself
+        p.data.add_(torch.randn_like(p))
+    with pe.Checkpointer(out / "ckpt-plain") as ckpt:
+        ckpt.save(scen.STEPS, {"model": model}).wait()
+    torch.save(model.state_dict(), out / "plain_state.pt")
+    torchrun(2, "tensor", out)
+    return out
+
+
+def report(out: Path, rank: int) -> dict:
+    return json.loads((out / f"tensor-rank{rank}.json").read_text())
+
+
+def test_tensor_parallel_mlp_equals_the_single_process_mlp(tensor_run: Path) -> None:
+    for rank in (0, 1):
+        r = report(tensor_run, rank)
+        assert len(r["losses"]) == scen.STEPS
+        assert r["loss_diff"] <= scen.TOLERANCE and r["weight_diff"] <= scen.TOLERANCE
+        assert r["losses"][-1] < r["losses"][0]  # it trained, so equal weights are not the initial ones
+
+
+def test_checkpoints_restore_between_tensor_parallel_and_plain_forms(tensor_run: Path) -> None:
+    expected = torch.load(tensor_run / "tensor_state.pt")
+    model = scen.make_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pe.Checkpointer(tensor_run / "ckpt-tensor") as ckpt:
+        assert ckpt.restore({"model": model, "optimizer": opt}) == scen.STEPS
+    assert set(model.state_dict()) == set(expected)
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+    # The optimizer state was sharded like its parameters; reassembled, it matches a plain run's.
+    _, ref_opt, _ = scen.fit(scen.make_mlp())
+    assert len(opt.state) == len(ref_opt.state) == 10
+    for p, ref_p in zip(model.parameters(), ref_opt.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(opt.state[p][key], ref_opt.state[ref_p][key], rtol=0, atol=scen.TOLERANCE)
+    for rank in (0, 1):
+        assert report(tensor_run, rank)["restore_tp_diff"] == 0.0
+        assert report(tensor_run, rank)["plain_to_tp_diff"] == 0.0
+
+
+def test_outside_a_job_tensor_parallel_leaves_the_model_whole() -> None:
+    model = scen.make_mlp()
+    strategy = pe.distributed.make_strategy("tensor")
+    assert strategy.wrap(model) is model and strategy.wrapped is model
+    assert pe.distributed.tensor_parallel.linear_pairs(model) == {
+        "0": "colwise",
+        "2": "rowwise",
+        "3": "colwise",
+        "5": "rowwise",
+    }
+    assert not strategy.needs_rewrap()
+
+
+def test_a_bad_tensor_parallel_plan_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="styles must be one of"):
+        pe.distributed.TensorParallel(plan={"0": "diagonal"})
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        pe.distributed.TensorParallel(plan={"1": "colwise"}).wrap(scen.make_mlp())
+    with pytest.raises(ValueError, match="no nn.Linear pair"):
+        pe.distributed.TensorParallel().wrap(torch.nn.Sequential(torch.nn.Linear(2, 2)))
