@@ -1,4 +1,4 @@
-"""Model parallelism (tensor parallel) with real 2-rank torchrun launches on gloo.
+"""Model parallelism (tensor and pipeline parallel) with real 2-rank torchrun launches on gloo.
 
 The launch (tests/model_parallel_scenarios.py) asserts on every rank; these tests check its
 exit status and the figures it writes, then restore its checkpoint in this plain process.
@@ -59,8 +59,15 @@ def tensor_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def report(out: Path, rank: int) -> dict:
-    return json.loads((out / f"tensor-rank{rank}.json").read_text())
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pp")
+    torchrun(2, "pipeline", out)
+    return out
+
+
+def report(out: Path, rank: int, scenario: str = "tensor") -> dict:
+    return json.loads((out / f"{scenario}-rank{rank}.json").read_text())
 
 
 def test_tensor_parallel_mlp_equals_the_single_process_mlp(tensor_run: Path) -> None:
@@ -110,3 +117,52 @@ def test_a_bad_tensor_parallel_plan_is_refused_with_the_reason() -> None:
         pe.distributed.TensorParallel(plan={"1": "colwise"}).wrap(scen.make_mlp())
     with pytest.raises(ValueError, match="no nn.Linear pair"):
         pe.distributed.TensorParallel().wrap(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_two_stage_pipeline_equals_the_single_process_model(pipeline_run: Path) -> None:
+    stages = [report(pipeline_run, rank, "pipeline")["stage_params"] for rank in (0, 1)]
+    # The even split by parameter count: 280 parameters on stage 0, 221 on stage 1.
+    assert stages == [
+        ["0.weight", "0.bias", "2.weight", "2.bias"],
+        ["3.weight", "3.bias", "5.weight", "5.bias", "6.weight", "6.bias"],
+    ]
+    for rank in (0, 1):
+        r = report(pipeline_run, rank, "pipeline")
+        assert r["loss_diff"] <= scen.TOLERANCE and r["grad_diff"] <= scen.TOLERANCE
+        assert r["weight_diff"] <= scen.TOLERANCE
+
+
+def test_a_pipeline_checkpoint_is_refused_on_every_rank_and_nothing_commits(pipeline_run: Path) -> None:
+    for rank in (0, 1):
+        assert "holds different models/optimizers than rank 0" in report(pipeline_run, rank, "pipeline")["save_error"]
+    assert pe.checkpoint.Checkpointer(pipeline_run / "ckpt-pipeline").steps() == []
+
+
+def test_even_split_points_balance_parameters_and_bad_split_points_are_refused() -> None:
+    model = scen.make_mlp()
+    children = list(model.named_children())
+    assert pe.distributed.pipeline_parallel.even_split_points(children, 2) == ["3"]
+    assert len(pe.distributed.pipeline_parallel.even_split_points(children, 7)) == 6
+    strategy = pe.distributed.PipelineParallel(scen.mse, split_points=["5"])
+    assert [list(dict(s.named_children())) for s in strategy.stage_modules(model, 2)] == [
+        ["0", "1", "2", "3", "4"],
+        ["5", "6"],
+    ]
+    with pytest.raises(ValueError, match="must name 1 top-level"):
+        pe.distributed.PipelineParallel(scen.mse, split_points=["9"]).stage_modules(model, 2)
+    with pytest.raises(ValueError, match="model order"):
+        pe.distributed.PipelineParallel(scen.mse, split_points=["5", "3"]).stage_modules(model, 3)
+    with pytest.raises(ValueError, match="cannot split 7"):
+        pe.distributed.pipeline_parallel.even_split_points(children, 8)
+
+
+def test_outside_a_job_a_pipeline_step_is_a_plain_forward_and_backward() -> None:
+    model, ref = scen.make_mlp(), scen.make_mlp()
+    strategy = pe.distributed.PipelineParallel(scen.mse)
+    assert strategy.wrap(model) is model
+    x, y = scen.batches()[0]
+    loss = strategy.step(x, y)
+    ref_loss = scen.mse(ref(x), y)
+    ref_loss.backward()
+    assert torch.equal(loss, ref_loss.detach())
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))

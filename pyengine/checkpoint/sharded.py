@@ -212,6 +212,13 @@ class ShardedSaver:
             handle.persist_seconds = time.perf_counter() - started
 
     def _write_manifest(self, tmp: Path, step: int, gathered: list[Any]) -> None:
+        # The manifest keeps rank 0's structure of the shared state, and replicated tensors are
+        # planned as if every rank held them: a rank holding other modules (a pipeline stage)
+        # would commit a checkpoint that names tensors nobody wrote.
+        for rank, (_, _, shared) in enumerate(gathered):
+            if shared != gathered[0][2]:
+                raise CheckpointError(f"rank {rank} holds different models/optimizers than rank 0 (pipeline "
+                                      "stages?); a sharded checkpoint needs the same logical state on every rank")
         tensors: dict[str, dict] = {}
         for rank, (_, rank_pieces, _) in enumerate(gathered):
             for p in rank_pieces:

@@ -15,6 +15,7 @@ from pyengine.distributed.data_parallel import DataParallel
 from pyengine.distributed.fully_sharded import FullyShard
 from pyengine.distributed.hogwild import Hogwild, HogwildWorkerError
 from pyengine.distributed.local_sgd import LocalSGD
+from pyengine.distributed.pipeline_parallel import PipelineParallel
 from pyengine.distributed.process_group import (
     barrier,
     checkpoint_group,
@@ -36,6 +37,7 @@ __all__ = [
     "Hogwild",
     "HogwildWorkerError",
     "LocalSGD",
+    "PipelineParallel",
     "TensorParallel",
     "TrainableSetChanged",
     "barrier",

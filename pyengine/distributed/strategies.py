@@ -8,10 +8,11 @@ from pyengine.distributed.data_parallel import DataParallel
 from pyengine.distributed.fully_sharded import FullyShard
 from pyengine.distributed.hogwild import Hogwild
 from pyengine.distributed.local_sgd import LocalSGD
+from pyengine.distributed.pipeline_parallel import PipelineParallel
 from pyengine.distributed.tensor_parallel import TensorParallel
 
 STRATEGIES: dict[str, type[Any]] = {"ddp": DataParallel, "fsdp": FullyShard, "local_sgd": LocalSGD, "hogwild": Hogwild,
-                                 "tensor": TensorParallel}
+                                 "tensor": TensorParallel, "pipeline": PipelineParallel}
 
 
 def make_strategy(strategy: str | Any, **options: Any) -> Any:
