@@ -1,4 +1,5 @@
-"""Shared pytest configuration: tests marked `gpu` skip cleanly without a CUDA device."""
+"""Shared pytest configuration: tests marked `gpu` skip cleanly without a CUDA device; the
+`one_torch_thread` fixture."""
 
 from __future__ import annotations
 
@@ -13,3 +14,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and then do not fight other processes for 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

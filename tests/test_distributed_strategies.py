@@ -8,7 +8,6 @@ checkpoints it left from a plain single process.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +22,11 @@ pytestmark = pytest.mark.distributed
 SCENARIOS = Path(__file__).with_name("distributed_scenarios.py")
 sys.path.insert(0, str(SCENARIOS.parent))
 import distributed_scenarios as scen  # noqa: E402
+from torchrun_launch import torchrun as launch  # noqa: E402
 
 
 def torchrun(nproc: int, scenario: str, out: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(SCENARIOS), scenario, str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if expect_ok:
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
-    return done
+    return launch(SCENARIOS, nproc, scenario, str(out), expect_ok=expect_ok)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ exit status and the figures it writes, then restore its checkpoint in this plain
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,26 +20,11 @@ pytestmark = pytest.mark.distributed
 SCENARIOS = Path(__file__).with_name("model_parallel_scenarios.py")
 sys.path.insert(0, str(SCENARIOS.parent))
 import model_parallel_scenarios as scen  # noqa: E402
+from torchrun_launch import torchrun as launch  # noqa: E402
 
 
 def torchrun(nproc: int, scenario: str, out: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(SCENARIOS),
-        scenario,
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    launch(SCENARIOS, nproc, scenario, str(out))
 
 
 @pytest.fixture(scope="module")

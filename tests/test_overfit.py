@@ -14,14 +14,7 @@ from pyengine.train.heat_equation import heat_equation, heat_solution
 from pyengine.train.overfit import OverfitReport, overfit_batch
 from pyengine.train.whole_domain import fit_whole_domain, max_abs_error
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread is fastest, and immune to other processes on a 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

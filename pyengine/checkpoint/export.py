@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pyengine.checkpoint import directory as ckdir
+from pyengine.checkpoint.dtypes import code_of_torch
 from pyengine.checkpoint.manifest import read_manifest, read_tensors
 from pyengine.checkpoint.sharded import ShardedStep, read_sharded_manifest
 from pyengine.checkpoint.state_codec import tensor_names
@@ -57,8 +58,6 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
-    from pyengine.checkpoint.dtypes import code_of_torch
-
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():

@@ -18,7 +18,7 @@ TARGET_TRAIN = 256  # labelled target examples: too few to learn the task from s
 
 
 def _train(
-    model: torch.nn.Module, dataset: pe.data.Dataset, loss_fn, steps: int, lr: float, workdir: Path, key: str = "x"
+    model: torch.nn.Module, dataset: pe.data.Dataset, loss_fn, steps: int, lr: float, workdir: Path
 ) -> None:
     schedule = pe.VirtualEpochs.of_steps(steps_per_epoch=steps // 4, num_checkpoints=4)
     loader = pe.data.Loader(dataset, batch_size=64, shuffle=True, seed=0, drop_last=True)
