@@ -6,8 +6,10 @@ schedule cuts each batch into micro-batches: all forwards flow stage to stage, t
 backwards flow back; gradients accumulate over micro-batches, scaled so they equal one
 full-batch backward of a mean loss. Works on CPU with gloo and on GPUs with NCCL.
 
-Checkpoints: not yet. The rank-sharded checkpoint needs the same logical state on every
-rank, so saving stages raises CheckpointError on every rank and commits nothing.
+Checkpoints: each rank writes its stage's weights and optimizer state through the rank-sharded
+checkpoint, renumbered to the full model's parameter order (pyengine/checkpoint/partitioned.py),
+so a pipeline checkpoint is the plain model's checkpoint: it restores into a plain model, and a
+plain checkpoint (or one from a pipeline split differently) restores into the stages.
 
 Training goes through step(), not model(x): every rank calls it with the same batch; the
 first stage feeds the inputs, the last computes the loss, which only it returns.
@@ -25,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pyengine.checkpoint.partitioned import Partition
+from pyengine.checkpoint.partitioned import mark as mark_partition
 from pyengine.distributed.process_group import is_distributed, rank, world_size
 
 
@@ -102,6 +106,7 @@ class PipelineParallel:
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         stage = self.stage_modules(model, world_size())[rank()]
+        mark_partition(stage, Partition(model, stage))
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
         pipe_stage = PipelineStage(stage, rank(), world_size(), device)
