@@ -44,7 +44,16 @@ def tensor_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain checkpoint (model and Adam) for the launch to restore into stages, then one
+    2-stage pipeline launch."""
     out = tmp_path_factory.mktemp("pp")
+    model, opt, _ = scen.fit(scen.make_mlp())
+    torch.manual_seed(6)
+    for p in model.parameters():  # distinct from anything the launch trains itself
+        p.data.add_(torch.randn_like(p))
+    with pe.Checkpointer(out / "ckpt-plain") as ckpt:
+        ckpt.save(scen.STEPS, {"model": model, "optimizer": opt}).wait()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "plain_state.pt")
     torchrun(2, "pipeline", out)
     return out
 
@@ -115,10 +124,45 @@ def test_two_stage_pipeline_equals_the_single_process_model(pipeline_run: Path) 
         assert r["weight_diff"] <= scen.TOLERANCE
 
 
-def test_a_pipeline_checkpoint_is_refused_on_every_rank_and_nothing_commits(pipeline_run: Path) -> None:
+def test_a_pipeline_checkpoint_restores_into_a_plain_model_with_identical_weights(pipeline_run: Path) -> None:
+    stages = [torch.load(pipeline_run / f"pipeline_stage{rank}.pt") for rank in (0, 1)]
+    model = scen.make_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pe.Checkpointer(pipeline_run / "ckpt-pipeline") as ckpt:
+        assert ckpt.restore({"model": model, "optimizer": opt}) == scen.STEPS
+    restored = model.state_dict()
+    expected = {**stages[0]["model"], **stages[1]["model"]}
+    assert list(restored) == list(scen.make_mlp().state_dict())  # the plain model's keys, in its order
+    assert set(expected) == set(restored)
+    assert all(torch.equal(restored[k], expected[k]) for k in expected)
+    # Adam's moments and step counts, renumbered from each stage's order to the plain model's.
+    plain_ids = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    state = opt.state_dict()["state"]
+    assert len(state) == len(plain_ids)
+    for stage in stages:
+        for local, name in enumerate(stage["names"]):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(state[plain_ids[name]][key], stage["optimizer"]["state"][local][key]), (name, key)
+    # The weights are the trained ones, equal to the single-process run within tolerance.
+    ref, _, _ = scen.fit(scen.make_mlp())
+    assert max(float((restored[k] - v).abs().max()) for k, v in ref.state_dict().items()) <= scen.TOLERANCE
+    assert not torch.equal(restored["0.weight"], scen.make_mlp().state_dict()["0.weight"])
     for rank in (0, 1):
-        assert "holds different models/optimizers than rank 0" in report(pipeline_run, rank, "pipeline")["save_error"]
-    assert pe.checkpoint.Checkpointer(pipeline_run / "ckpt-pipeline").steps() == []
+        r = report(pipeline_run, rank, "pipeline")
+        assert r["restore_pp_diff"] == r["continue_diff"] == r["plain_to_pp_diff"] == 0.0
+
+
+def test_a_pipeline_checkpoint_is_one_plain_checkpoint_to_inspect_and_export(pipeline_run: Path,
+                                                                             tmp_path: Path) -> None:
+    step_dir = pipeline_run / "ckpt-pipeline" / f"step-{scen.STEPS:08d}"
+    manifest = json.loads((step_dir / "manifest.json").read_text()[len('{"manifest_crc32c":"00000000","manifest":'):-2])
+    writers = {name: {p["part"] for p in entry["pieces"]} for name, entry in manifest["tensors"].items()}
+    # Each stage's tensors were written by its own rank, once.
+    assert writers["model/0.weight"] == {0} and writers["model/6.weight"] == {1}
+    pe.checkpoint.export_weights(pipeline_run / "ckpt-pipeline", tmp_path / "w.safetensors", key="model")
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "w.safetensors")) == set(scen.make_mlp().state_dict())
 
 
 def test_even_split_points_balance_parameters_and_bad_split_points_are_refused() -> None:
@@ -149,3 +193,19 @@ def test_outside_a_job_a_pipeline_step_is_a_plain_forward_and_backward() -> None
     ref_loss.backward()
     assert torch.equal(loss, ref_loss.detach())
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_merging_stages_refuses_shared_modules_and_differing_hyperparameters() -> None:
+    from pyengine.checkpoint import partitioned
+
+    a = {"0.weight": {"__tensor__": "model/0.weight"}}
+    with pytest.raises(pe.CheckpointError, match="must not share modules"):
+        partitioned.merge("model", partitioned.MODULE, [a, dict(a)])
+    group = {"lr": 0.01, "betas": {"__tuple__": [0.9, 0.999]}, "params": [0]}
+    opt0 = {"state": {"__dict__": [[0, {"step": 1}]]}, "param_groups": [group]}
+    opt1 = {"state": {"__dict__": [[1, {"step": 1}]]}, "param_groups": [{**group, "params": [1]}]}
+    merged = partitioned.merge("optimizer", partitioned.OPTIMIZER, [opt1, opt0])
+    assert merged["param_groups"][0]["params"] == [0, 1]
+    assert [k for k, _ in merged["state"]["__dict__"]] == [0, 1]
+    with pytest.raises(pe.CheckpointError, match="hyperparameters differ"):
+        partitioned.merge("optimizer", partitioned.OPTIMIZER, [opt0, {**opt1, "param_groups": [{**group, "lr": 1.0}]}])

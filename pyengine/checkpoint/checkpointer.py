@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from pyengine import _core
 from pyengine.checkpoint import directory as ckdir
+from pyengine.checkpoint import partitioned
 from pyengine.checkpoint.cuda_staging import PinnedMirror
 from pyengine.checkpoint.dtypes import code_of_torch
 from pyengine.checkpoint.manifest import Manifest, read_manifest, read_tensors
@@ -274,7 +275,11 @@ class Checkpointer:
         """
         if not isinstance(objects, Mapping):
             raise ValueError("objects must be a mapping from the names used at save() to objects")
-        found = self._load_newest_valid(step, list(objects))
+        # A pipeline stage takes its slice of the plain-form state, before any tensor is read.
+        stages = partitioned.partitions_in(objects)
+        localizers = {key: functools.partial(partitioned.localize, kind, partition=p, optimizer=opt, key=key)
+                      for key, (kind, p, opt) in stages.items()}
+        found = self._load_newest_valid(step, list(objects), localizers)
         if found is None:
             return None
         loaded_step, values, rng_state = found
@@ -291,18 +296,19 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory} holds no checkpoint")
         return found[1]
 
-    def _load_newest_valid(self, step: int | None,
-                           keys: Iterable[str] | None) -> tuple[int, dict[str, Any], Any] | None:
+    def _load_newest_valid(self, step: int | None, keys: Iterable[str] | None,
+                           localizers: Mapping[str, Callable[[Any], Any]] | None = None,
+                           ) -> tuple[int, dict[str, Any], Any] | None:
         self.wait()
         if step is not None:
             if step not in self.steps():
                 raise CheckpointError(f"{self.directory} has no committed checkpoint for step {step}; "
                                       f"it holds {self.steps()}")
-            return (step, *self._load_step(step, keys))
+            return (step, *self._load_step(step, keys, localizers))
         failures = []
         for candidate in reversed(self.steps()):
             try:
-                return (candidate, *self._load_step(candidate, keys))
+                return (candidate, *self._load_step(candidate, keys, localizers))
             except _MissingKeys:
                 raise
             except CheckpointError as e:
@@ -316,7 +322,8 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory} verifies:\n  " + "\n  ".join(failures))
         return None
 
-    def _load_step(self, step: int, keys: Iterable[str] | None) -> tuple[dict[str, Any], Any]:
+    def _load_step(self, step: int, keys: Iterable[str] | None,
+                   localizers: Mapping[str, Callable[[Any], Any]] | None = None) -> tuple[dict[str, Any], Any]:
         path = ckdir.step_dir(self.directory, step)
         sharded_doc = read_sharded_manifest(path)
         if sharded_doc is not None:
@@ -331,6 +338,8 @@ class Checkpointer:
             if missing:
                 raise _MissingKeys(f"checkpoint step {step} has no {missing}; it holds {sorted(objects)}")
             objects = {k: objects[k] for k in keys}
+        if localizers:
+            objects = {k: localizers[k](v) if k in localizers else v for k, v in objects.items()}
         tensors = read(tensor_names([objects, rng_tree]))
         return decode(objects, tensors), decode(rng_tree, tensors)
 

@@ -15,7 +15,10 @@ rank holds the same logical tensors. A DTensor sharded along one dim of a 1-D me
 is written by its owners, each its local shard, as a piece (dim, offset, length) of the
 global tensor. Every other shared tensor is replicated (DDP keeps replicas equal) and is
 written exactly once, by the rank a deterministic greedy plan gives it, so the bytes are
-spread across ranks. Every other entry (loader, RNG, extras) is *per rank*: each rank
+spread across ranks. A pipeline stage (and the optimizer over its parameters) is *owned*:
+only its rank holds it, so that rank writes all of it, its optimizer state renumbered to the
+full model's parameter ids, and rank 0 merges the stages' structures into the plain model's
+(partitioned.py). Every other entry (loader, RNG, extras) is *per rank*: each rank
 stores its own in its part's state, and rank r restores part r (part 0 when the saving
 world had no rank r; a pe.data.Loader then refuses the different order with ValueError).
 
@@ -61,6 +64,7 @@ import torch.distributed as dist
 
 from pyengine import _core
 from pyengine.checkpoint import directory as ckdir
+from pyengine.checkpoint import partitioned
 from pyengine.checkpoint.dtypes import CODE_TO_TORCH, code_of_torch
 from pyengine.checkpoint.manifest import MANIFEST, Manifest, read_manifest, read_tensors
 from pyengine.checkpoint.rng import capture_rng_state
@@ -147,8 +151,12 @@ class ShardedSaver:
         try:
             part_root = tmp / f"rank-{self.rank:05d}"
             part_root.mkdir(parents=True, exist_ok=True)
-            shared, shared_enc, local_enc, local_objects = _encode(state, capture_rng)
+            shared, shared_enc, local_enc, local_objects, owned, owned_enc = _encode(state, capture_rng)
             pieces, mine = plan_pieces(shared_enc.tensors, self.rank, self.world)
+            for t in owned_enc.tensors:  # a stage's own tensors: nobody else holds them
+                pieces.append(_piece(t.name, t.tensor, None, 0, 0))
+                mine.append(t)
+            shared = (shared, owned)
             sources = [_source(t.name, t.tensor) for t in mine + local_enc.tensors]
             state_json = json.dumps({"objects": local_objects[0], "rng": local_objects[1]},
                                     allow_nan=False, separators=(",", ":"))
@@ -213,12 +221,18 @@ class ShardedSaver:
 
     def _write_manifest(self, tmp: Path, step: int, gathered: list[Any]) -> None:
         # The manifest keeps rank 0's structure of the shared state, and replicated tensors are
-        # planned as if every rank held them: a rank holding other modules (a pipeline stage)
-        # would commit a checkpoint that names tensors nobody wrote.
-        for rank, (_, _, shared) in enumerate(gathered):
-            if shared != gathered[0][2]:
-                raise CheckpointError(f"rank {rank} holds different models/optimizers than rank 0 (pipeline "
-                                      "stages?); a sharded checkpoint needs the same logical state on every rank")
+        # planned as if every rank held them: a rank holding other modules than rank 0 (and not
+        # marked as a pipeline stage) would commit a checkpoint that names tensors nobody wrote.
+        for rank, (_, _, (shared, owned)) in enumerate(gathered):
+            if shared != gathered[0][2][0]:
+                raise CheckpointError(f"rank {rank} holds different models/optimizers than rank 0; a sharded "
+                                      "checkpoint needs the same logical state on every rank, except pipeline "
+                                      "stages made by pe.distributed.PipelineParallel")
+            if {k: kind for k, (kind, _) in owned.items()} != {k: kind for k, (kind, _) in gathered[0][2][1].items()}:
+                raise CheckpointError(f"rank {rank} saves other pipeline-stage entries than rank 0")
+        objects = dict(gathered[0][2][0])
+        for key, (kind, _) in gathered[0][2][1].items():
+            objects[key] = partitioned.merge(key, kind, [g[2][1][key][1] for g in gathered])
         tensors: dict[str, dict] = {}
         for rank, (_, rank_pieces, _) in enumerate(gathered):
             for p in rank_pieces:
@@ -231,7 +245,7 @@ class ShardedSaver:
         doc = {"format": FORMAT, "version": VERSION, "step": step, "created_unix": time.time(),
                "world_size": self.world,
                "parts": [f"rank-{r:05d}/{ckdir.step_dir(self.directory, step).name}" for r in range(self.world)],
-               "objects": gathered[0][2], "tensors": tensors}
+               "objects": objects, "tensors": tensors}
         body = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
         raw = b'{"manifest_crc32c":"%08x","manifest":' % _core.crc32c(memoryview(body)) + body + b"}\n"
         _write_durable(tmp / MANIFEST, raw)
@@ -251,11 +265,22 @@ class ShardedSaver:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _encode(state: Mapping[str, Any], capture_rng: bool) -> tuple[dict, StateEncoder, StateEncoder, tuple]:
-    shared_enc, local_enc = StateEncoder(), StateEncoder()
-    shared, local = {}, {}
+def _encode(state: Mapping[str, Any],
+            capture_rng: bool) -> tuple[dict, StateEncoder, StateEncoder, tuple, dict, StateEncoder]:
+    """Splits the state: shared (the same on every rank), owned (a pipeline stage's, in global
+    parameter ids: see partitioned.py) and per-rank entries, each encoded."""
+    shared_enc, local_enc, owned_enc = StateEncoder(), StateEncoder(), StateEncoder()
+    shared, local, owned = {}, {}, {}
+    stages = partitioned.partitions_in(state)
     for key, obj in state.items():
-        if isinstance(obj, torch.nn.Module):
+        if key in stages:
+            kind, partition, _ = stages[key]
+            if kind == partitioned.MODULE:
+                sd = unwrap_module(obj).state_dict()
+            else:
+                sd = partitioned.globalize_optimizer(obj.state_dict(), obj, partition)
+            owned[key] = (kind, owned_enc.encode(sd, (key,), all_stable=True))
+        elif isinstance(obj, torch.nn.Module):
             # all_stable skips data_ptr(), which DTensors do not have; the copy is synchronous anyway
             shared[key] = shared_enc.encode(unwrap_module(obj).state_dict(), (key,), all_stable=True)
         elif isinstance(obj, torch.optim.Optimizer):
@@ -263,7 +288,7 @@ def _encode(state: Mapping[str, Any], capture_rng: bool) -> tuple[dict, StateEnc
         else:
             local[key] = encode_object(local_enc, key, obj)
     rng = local_enc.encode(capture_rng_state(), (_RNG_KEY,)) if capture_rng else None
-    return shared, shared_enc, local_enc, (local, rng)
+    return shared, shared_enc, local_enc, (local, rng), owned, owned_enc
 
 
 def plan_pieces(tensors: list[NamedTensor], rank: int, world: int) -> tuple[list[dict], list[NamedTensor]]:
