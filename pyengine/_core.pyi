@@ -14,7 +14,7 @@ class AsyncCheckpointWriter:
     """
     Snapshot-then-persist checkpoint pipeline (see csrc/core/checkpoint/async_writer.h).
     """
-    def __init__(self, directory: str, max_shards: typing.SupportsInt | typing.SupportsIndex = 4, copy_threads: typing.SupportsInt | typing.SupportsIndex = 2, max_in_flight: typing.SupportsInt | typing.SupportsIndex = 1, staging_cap_bytes: typing.SupportsInt | typing.SupportsIndex = 0, keep_last: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, directory: str, max_shards: typing.SupportsInt | typing.SupportsIndex = 4, copy_threads: typing.SupportsInt | typing.SupportsIndex = 2, max_in_flight: typing.SupportsInt | typing.SupportsIndex = 1, staging_cap_bytes: typing.SupportsInt | typing.SupportsIndex = 0, keep_last: typing.SupportsInt | typing.SupportsIndex = 0, background_nice: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
     def save(self, step: typing.SupportsInt | typing.SupportsIndex, sources: list, state_json: str, sync_count: typing.SupportsInt | typing.SupportsIndex) -> int:
         """

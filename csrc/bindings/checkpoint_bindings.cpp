@@ -63,12 +63,15 @@ void bind_checkpoint(py::module_& m) {
   py::class_<AsyncCheckpointWriter>(m, "AsyncCheckpointWriter",
                                     "Snapshot-then-persist checkpoint pipeline (see csrc/core/checkpoint/async_writer.h).")
       .def(py::init([](std::string directory, size_t max_shards, size_t copy_threads, size_t max_in_flight,
-                       uint64_t staging_cap_bytes, size_t keep_last) {
-             return std::make_unique<AsyncCheckpointWriter>(WriterOptions{
-                 std::move(directory), max_shards, copy_threads, max_in_flight, staging_cap_bytes, keep_last});
+                       uint64_t staging_cap_bytes, size_t keep_last, int background_nice) {
+             if (background_nice < 0 || background_nice > 19)
+               throw pe::InvalidArgument("background_nice must be in 0..19, got " + std::to_string(background_nice));
+             return std::make_unique<AsyncCheckpointWriter>(WriterOptions{std::move(directory), max_shards,
+                                                                          copy_threads, max_in_flight,
+                                                                          staging_cap_bytes, keep_last, background_nice});
            }),
            py::arg("directory"), py::arg("max_shards") = 4, py::arg("copy_threads") = 2, py::arg("max_in_flight") = 1,
-           py::arg("staging_cap_bytes") = 0, py::arg("keep_last") = 0)
+           py::arg("staging_cap_bytes") = 0, py::arg("keep_last") = 0, py::arg("background_nice") = 0)
       .def(
           "save",
           [](AsyncCheckpointWriter& w, uint64_t step, const py::list& sources, std::string state_json,

@@ -102,17 +102,25 @@ class Checkpointer:
         staging_cap_bytes: cap on staging memory (0: none). A save larger than the cap fails.
         capture_rng: store the torch, CUDA, numpy and Python RNG states with every save and
             restore them with restore().
+        background_nice: added to the nice value (0-19) of the threads that copy (overlap=True),
+            checksum and write in the background. When training keeps every core busy (CPU
+            training), they then run in the gaps rather than preempting a training thread; they
+            still finish, at the latest while the next save() waits for them (max_in_flight).
+            0 keeps the training process's priority.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 3, *, policy: SavePolicy | None = None,
                  max_shards: int = 4, copy_threads: int = 2,
                  read_threads: int = 4, max_in_flight: int = 1, staging_cap_bytes: int = 0,
-                 capture_rng: bool = True) -> None:
+                 capture_rng: bool = True, background_nice: int = 10) -> None:
         for name, value, low in (("keep_last", keep_last, 0), ("max_shards", max_shards, 1),
                                  ("copy_threads", copy_threads, 1), ("read_threads", read_threads, 1),
-                                 ("max_in_flight", max_in_flight, 1), ("staging_cap_bytes", staging_cap_bytes, 0)):
+                                 ("max_in_flight", max_in_flight, 1), ("staging_cap_bytes", staging_cap_bytes, 0),
+                                 ("background_nice", background_nice, 0)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if background_nice > 19:
+            raise ValueError(f"background_nice must be in 0..19 (a nice increment), got {background_nice}")
         self.policy = policy
         self._policy_feed = PolicyFeed(policy) if policy is not None else None  # refuses a bad policy first
         self.directory = Path(directory)
@@ -122,7 +130,8 @@ class Checkpointer:
         self.keep_last = int(keep_last)
         self.capture_rng = capture_rng
         self._writer_options = dict(max_shards=max_shards, copy_threads=copy_threads, max_in_flight=max_in_flight,
-                                    staging_cap_bytes=staging_cap_bytes, keep_last=keep_last)
+                                    staging_cap_bytes=staging_cap_bytes, keep_last=keep_last,
+                                    background_nice=background_nice)
         self._read_threads = read_threads
         self._lock = ckdir.WriterLock(self.directory)
         # In a distributed world every rank saves its part, but only rank 0 owns DIR (see sharded.py).

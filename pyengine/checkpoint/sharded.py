@@ -137,7 +137,8 @@ class ShardedSaver:
         self._decisions = dist.new_group(backend="gloo")
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self._options = {k: writer_options[k] for k in ("max_shards", "copy_threads", "staging_cap_bytes")}
+        self._options = {k: writer_options[k]
+                         for k in ("max_shards", "copy_threads", "staging_cap_bytes", "background_nice")}
         self.make_writer = make_writer or _core.AsyncCheckpointWriter
         self._last: ShardedSaveHandle | None = None
 

@@ -185,6 +185,8 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
 
 void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
   name_this_thread("pe-ckpt-" + std::to_string(save->step));
+  // Linux keeps a nice value per thread; the writer threads started below inherit it.
+  if (options_.background_nice > 0) lower_this_thread_priority(options_.background_nice);
   if (!save->sources.empty()) {
     try {
       copy_into_staging(save->layout, save->sources, save->sync_count, save->sources.size(), save->staging->data(),

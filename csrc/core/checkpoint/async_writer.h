@@ -37,6 +37,9 @@ struct WriterOptions {
   size_t max_in_flight = 1;
   uint64_t staging_cap_bytes = 0;  // 0: no cap
   size_t keep_last = 0;            // 0: keep every checkpoint
+  // Added to the nice value of the background threads (overlapped copy, CRC, writes), so that
+  // on a host whose cores all train they run in the gaps instead of preempting training threads.
+  int background_nice = 0;
 };
 
 struct TensorSource {

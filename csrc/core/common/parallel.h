@@ -5,6 +5,12 @@
 #pragma once
 
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 
 #include <cstddef>
 #include <exception>
@@ -19,6 +25,16 @@ namespace pe {
 inline void name_this_thread(const std::string& name) {
   // Linux limits thread names to 15 characters.
   pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+}
+
+// Raises this thread's nice value by `increment` (capped at 19). Best effort: a thread that
+// cannot lower its priority still works, only less politely.
+inline void lower_this_thread_priority(int increment) {
+  errno = 0;
+  const pid_t tid = static_cast<pid_t>(syscall(SYS_gettid));
+  int current = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+  if (current == -1 && errno != 0) return;
+  setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, current + increment));
 }
 
 // Calls job(i) for i in [0, n): job 0 on the calling thread, the rest on new threads.
