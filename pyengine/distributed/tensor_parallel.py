@@ -7,8 +7,9 @@ weights, bias replicated), so the activation between them stays sharded and one 
 per block restores the full output. Works on CPU with gloo and on GPUs with NCCL.
 
 Unlike data parallelism every rank must see the SAME batch: the model is split, not the
-data. Build the optimizer AFTER wrap(). Sharded weights are DTensors (Shard(0) / Shard(1)),
-which the rank-sharded checkpoint saves by owner and reassembles on restore.
+data (pe.Trainer refuses a rank-sharded loader). Build the optimizer AFTER wrap(). Sharded
+weights are DTensors (Shard(0) / Shard(1)), which the rank-sharded checkpoint saves by owner
+and reassembles on restore.
 
     strategy = pe.distributed.TensorParallel()            # pairs the Linear layers in order
     model = strategy.wrap(model)
@@ -53,6 +54,7 @@ class TensorParallel:
     """
 
     name = "tensor"
+    splits_data = False  # model parallel: every rank must see the same batch
 
     def __init__(self, plan: Mapping[str, str] | None = None) -> None:
         if plan is not None:

@@ -11,6 +11,7 @@ newest checkpoint that verifies.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -57,6 +58,8 @@ class Trainer:
     """Trains `model` with `loss_fn(model, batch) -> scalar tensor` on batches of `train_loader`.
 
     Args:
+        loss_fn: loss_fn(model, batch) -> scalar tensor; None under a pipeline strategy, whose
+            own loss_fn(output, target) runs on the last stage.
         train_loader: batches to train on; a pe.data.Loader (its position is checkpointed, so
             resume is exact) or any iterable (re-iterated when exhausted; resume then restarts
             its iteration, with a warning).
@@ -79,17 +82,27 @@ class Trainer:
         progress: show a tqdm progress bar with loss and throughput.
         unfreezer: a pe.transfer.GradualUnfreezer; its on_epoch_start runs before each
             virtual epoch's first step, and it is restored before the optimizer on resume.
-        strategy: distribution strategy: None (one process), "ddp", "fsdp", "local_sgd", or a
-            pe.distributed strategy object (e.g. FullyShard() already applied, so that the
-            optimizer could be built over the sharded parameters). Run the script under
-            torchrun; give each rank its slice through pe.data.Loader(rank=, world_size=).
-            Checkpoints become rank-sharded; only rank 0 logs and shows progress. After the
-            unfreezer changes which parameters train, DDP is re-wrapped at the epoch start.
+        strategy: distribution strategy: None (one process), "ddp", "fsdp", "local_sgd", "tensor",
+            or a pe.distributed strategy object already applied (FullyShard(), TensorParallel(),
+            PipelineParallel(...)), so that the optimizer could be built over what wrap()
+            returned. Run the script under torchrun. Checkpoints become rank-sharded; only
+            rank 0 logs and shows progress.
+            Data parallel ("ddp", "fsdp", "local_sgd"): give each rank its slice through
+            pe.data.Loader(rank=, world_size=). After the unfreezer changes which parameters
+            train, DDP is re-wrapped at the epoch start.
+            Model parallel ("tensor", PipelineParallel): every rank must see the same batches,
+            so the loaders must not be rank-sharded (world_size=1, the same seed everywhere).
+            Under a pipeline, `model` is this rank's stage (strategy.wrap(model)) and loss_fn
+            is None: each step runs strategy.step(*strategy.split_batch(batch)) (forward and
+            backward of every stage), evaluation a forward through the stages, and the loss
+            is broadcast from the last stage, so every rank logs, skips, rolls back and stops
+            early alike; grad_clip clips the norm over all stages; checkpoints are the plain
+            model's (each stage saved by its rank).
             "hogwild" runs its own processes: use pe.distributed.Hogwild(...).run().
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], train_loader: Iterable,
+                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None, train_loader: Iterable,
                  val_loader: Iterable | None = None, scheduler: Any = None, checkpoint_dir: str | Path | None = None,
                  callbacks: Iterable[Callback] = (), device: str | torch.device | None = None,
                  grad_clip: float | None = None, amp: bool = False, log_dir: str | Path | None = None, *,
@@ -105,8 +118,10 @@ class Trainer:
             raise ValueError(f"grad_clip must be positive, got {grad_clip}")
         if not 0 < nonfinite_lr_factor <= 1:
             raise ValueError(f"nonfinite_lr_factor must be in (0, 1], got {nonfinite_lr_factor}")
+        _check_loss_and_strategy(loss_fn, strategy)
         self.device = torch.device(device) if device is not None else _device_of(model)
-        self.strategy = _distribute(strategy, model.to(self.device), optimizer, train_loader)
+        self.strategy = _distribute(strategy, model.to(self.device), optimizer, train_loader, val_loader)
+        self.pipeline = self.strategy if isinstance(self.strategy, distributed.PipelineParallel) else None
         self.model = self.strategy.wrapped if self.strategy is not None else model.to(self.device)
         if self.strategy is not None and not distributed.is_main():
             log_dir, progress = None, False
@@ -120,7 +135,8 @@ class Trainer:
         self.nonfinite_lr_factor, self.max_rollbacks = nonfinite_lr_factor, max_rollbacks
         self.keep_last, self.overlap_checkpoints, self.progress = keep_last, overlap_checkpoints, progress
         self.log = MetricsLog(log_dir)
-        self.runner = StepRunner(self.model, optimizer, loss_fn, scheduler, self.device, amp, grad_clip)
+        self.runner = StepRunner(self.model, optimizer, loss_fn, scheduler, self.device, amp, grad_clip,
+                                 pipeline=self.pipeline)
         self.stop_training = False
         self.checkpoint_stalls: list[float] = []  # seconds each save paused training (this process only)
         self._progress = _Progress()
@@ -181,18 +197,10 @@ class Trainer:
                 if self.step % schedule.steps_per_epoch == 0:
                     self._start_epoch(self.step // schedule.steps_per_epoch)
                 batch = next(batches)
-                loss = self.runner.forward(batch)
-                if loss.dim() != 0:
-                    raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}")
-                value = loss.item()  # one host sync per step: the NaN check and the running mean share it
+                value = self._train_step(batch, schedule)
                 if math.isfinite(value):
-                    self.runner.backward_and_step(loss)
-                    if self.strategy is not None:
-                        self.strategy.after_optimizer_step()  # local SGD averages here (a collective)
                     loss_sum += value
                     loss_count += 1
-                else:
-                    self._nonfinite(value, schedule)  # raises, or skips this update
                 self._progress.step += 1
                 samples += batch_size_of(batch)
                 bar.update(1)
@@ -203,6 +211,28 @@ class Trainer:
                     loss_sum, loss_count, samples, epoch_start = 0.0, 0, 0, time.perf_counter()
         finally:
             bar.close()
+
+    def _train_step(self, batch: Any, schedule: VirtualEpochs) -> float:
+        """Computes the batch's loss and, when it is finite, applies the update; a non-finite loss
+        goes to _nonfinite instead (which raises, or skips the update). Returns the loss."""
+        if self.pipeline is not None:
+            # The schedule runs every micro-batch's backward right after the forwards, so the
+            # gradients exist before the loss is known; the loss comes from the last stage.
+            value = self.runner.pipeline_forward_backward(batch).item()
+            apply_update: Callable[[], None] = self.runner.optimizer_step
+        else:
+            loss = self.runner.forward(batch)
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}")
+            value = loss.item()  # one host sync per step: the NaN check and the running mean share it
+            apply_update = functools.partial(self.runner.backward_and_step, loss)
+        if not math.isfinite(value):
+            self._nonfinite(value, schedule)  # raises, or skips this update
+            return value
+        apply_update()
+        if self.strategy is not None:
+            self.strategy.after_optimizer_step()  # local SGD averages here (a collective)
+        return value
 
     def _start_epoch(self, epoch: int) -> None:
         if self.unfreezer is not None:
@@ -234,7 +264,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> float:
-        """Mean of loss_fn over `loader`, weighted by batch size, in eval mode."""
+        """Mean of loss_fn over `loader`, weighted by batch size, in eval mode (under a pipeline:
+        the pipeline's loss, the same on every rank; every rank must call this)."""
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(0)  # the same order every time, so the sum is reproducible
         was_training = self.model.training
@@ -243,7 +274,7 @@ class Trainer:
         try:
             for batch in loader:
                 n = batch_size_of(batch)
-                total += float(self.runner.forward(batch)) * n
+                total += float(self.runner.eval_loss(batch)) * n
                 count += n
         finally:
             self.model.train(was_training)
@@ -316,7 +347,7 @@ class Trainer:
         if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [lr * self.nonfinite_lr_factor for lr in self.scheduler.base_lrs]
         warnings.warn(f"the loss is {value} at {where}; rolled back to step {restored} with the learning rate "
-                      f"scaled by {self.nonfinite_lr_factor}", RuntimeWarning, stacklevel=4)
+                      f"scaled by {self.nonfinite_lr_factor}", RuntimeWarning, stacklevel=5)
         raise _Rollback
 
     # ------------------------------------------------------------------------ warm start
@@ -342,8 +373,23 @@ class Trainer:
         return chosen
 
 
+def _check_loss_and_strategy(loss_fn: Any, strategy: Any) -> None:
+    if isinstance(strategy, str) and strategy == "pipeline":
+        raise ValueError("strategy='pipeline' needs the last stage's loss and wraps the model into stages first: "
+                         "s = pe.distributed.PipelineParallel(loss_fn=lambda output, target: ..., n_microbatches=4); "
+                         "stage = s.wrap(model); opt = torch.optim.Adam(stage.parameters()); "
+                         "pe.Trainer(stage, opt, None, loader, strategy=s)")
+    if isinstance(strategy, distributed.PipelineParallel):
+        if loss_fn is not None:
+            raise ValueError("under a pipeline the loss is the strategy's loss_fn(output, target), computed on the "
+                             "last stage; loss_fn(model, batch) cannot run on one stage: pass loss_fn=None")
+    elif loss_fn is None:
+        raise ValueError("loss_fn is required: loss_fn(model, batch) -> scalar tensor (only a PipelineParallel "
+                         "strategy brings its own)")
+
+
 def _distribute(strategy: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                train_loader: Iterable) -> Any:
+                train_loader: Iterable, val_loader: Iterable | None) -> Any:
     """Joins the torchrun job and wraps `model`; the strategy's `wrapped` is what trains."""
     if strategy is None:
         return None
@@ -352,20 +398,37 @@ def _distribute(strategy: Any, model: torch.nn.Module, optimizer: torch.optim.Op
         raise NotImplementedError("strategy='hogwild' runs its own worker processes on one host, which pe.Trainer "
                                   "does not start: use pe.distributed.Hogwild(num_processes).run(train_fn, model)")
     distributed.init()
-    world = distributed.world_size()
-    if getattr(train_loader, "world_size", world) != world:
-        raise ValueError(f"train_loader is built for world_size={train_loader.world_size} but "  # type: ignore[attr-defined]
-                         f"this job has {world} ranks: pe.data.Loader(..., rank=pe.distributed.rank(), "
-                         "world_size=pe.distributed.world_size())")
+    _check_loaders(strategy, train_loader, val_loader)
     if strategy.wrapped is None:
         strategy.wrap(model)
     trained = {id(p) for p in strategy.wrapped.parameters()}
     if any(id(p) not in trained for g in optimizer.param_groups for p in g["params"]):
         raise ValueError(f"the optimizer holds parameters that the {strategy.name!r}-wrapped model does not train "
-                         "(FSDP replaces them with sharded ones): wrap first, then build the optimizer, and pass the "
-                         "strategy object: s = pe.distributed.FullyShard(); model = s.wrap(model); "
-                         "opt = torch.optim.Adam(model.parameters()); pe.Trainer(model, opt, ..., strategy=s)")
+                         "(FSDP replaces them with sharded ones, as tensor parallelism does in the layers it splits; "
+                         "a pipeline stage keeps only its own): wrap first, then build the optimizer over what wrap() "
+                         f"returns, and pass the strategy object: s = pe.distributed.{type(strategy).__name__}(...); "
+                         "model = s.wrap(model); opt = torch.optim.Adam(model.parameters()); "
+                         "pe.Trainer(model, opt, ..., strategy=s)")
     return strategy
+
+
+def _check_loaders(strategy: Any, train_loader: Iterable, val_loader: Iterable | None) -> None:
+    """Data parallel strategies need each rank's slice of the data; model parallel ones (which
+    say so with `splits_data = False`) need the same batches on every rank."""
+    world = distributed.world_size()
+    if getattr(strategy, "splits_data", True):
+        if getattr(train_loader, "world_size", world) != world:
+            raise ValueError(f"train_loader is built for world_size={train_loader.world_size} but "  # type: ignore[attr-defined]
+                             f"this job has {world} ranks: pe.data.Loader(..., rank=pe.distributed.rank(), "
+                             "world_size=pe.distributed.world_size())")
+        return
+    for what, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        shards = getattr(loader, "world_size", 1)
+        if shards != 1:
+            raise ValueError(f"strategy {strategy.name!r} splits the model, not the data: every rank must see the same "
+                             f"batches, but {what} is rank-sharded (rank={getattr(loader, 'rank', '?')}, "
+                             f"world_size={shards}); build it alike on every rank, without rank= and world_size= "
+                             "and with the same seed: pe.data.Loader(ds, batch_size, seed=0)")
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
