@@ -163,15 +163,16 @@ def scenario_tensor(out: Path) -> dict:
                report["eval_diff"]) <= TOLERANCE, report
 
     # Checkpoints (rank-sharded DTensors): a crash and resume ends like the uninterrupted run.
-    # Without early stopping: its DTensor best weights are per-rank state, which the sharded
-    # checkpoint cannot save yet.
-    ref = trainer_for(tp_mlp(), batch_mse, out)
+    # Early stopping's best weights (epoch 1's) are per-rank state: each rank saves its shards,
+    # the resumed run reads them back and restores them as DTensors when it stops.
+    ref = trainer_for(tp_mlp(), batch_mse, out, early_stopping=pe.train.EarlyStopping(patience=1, min_delta=1e3))
     ref_history = ref.fit(SCHEDULE)
 
     def make(callbacks: list) -> pe.Trainer:
         strategy = pe.distributed.TensorParallel()
         return trainer_for(strategy.wrap(tp_mlp()), batch_mse, out, strategy=strategy,
-                           checkpoint_dir=out / "ckpt-tensor", callbacks=callbacks)
+                           checkpoint_dir=out / "ckpt-tensor", callbacks=callbacks,
+                           early_stopping=pe.train.EarlyStopping(patience=1, min_delta=1e3))
 
     trainer, history = crash_then_resume(make)
     report["resume_history_diff"] = history_diff(history, ref_history)

@@ -1,8 +1,10 @@
 """Loading full tensors into DTensor targets (models and optimizers sharded by FSDP2).
 
-A checkpoint always yields global tensors; a target whose parameter is a DTensor gets the
-tensor cut to its own placements locally (no communication: every rank read the same
-global tensor), so any checkpoint (plain, DDP, FSDP at any world size) restores into FSDP.
+A checkpoint always yields global tensors for models and optimizers; a target whose parameter
+is a DTensor gets the tensor cut to its own placements locally (no communication: every rank
+read the same global tensor), so any checkpoint (plain, DDP, FSDP at any world size) restores
+into FSDP. Per-rank entries (early stopping's best weights) keep each rank's own shard; a
+tensor of the local shard's shape is put back as that shard.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _like(value: Any, template: Any) -> Any:
-    if not isinstance(value, torch.Tensor) or _is_dtensor(value) or tuple(value.shape) != tuple(template.shape):
+    if not isinstance(value, torch.Tensor) or _is_dtensor(value):
         return value
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    local_device = template.to_local().device
-    return distribute_tensor(value.to(device=local_device, dtype=template.dtype), template.device_mesh,
-                             template.placements, src_data_rank=None)
+    local = template.to_local()
+    if tuple(value.shape) == tuple(template.shape):
+        return distribute_tensor(value.to(device=local.device, dtype=template.dtype), template.device_mesh,
+                                 template.placements, src_data_rank=None)
+    if tuple(value.shape) == tuple(local.shape):
+        # Per-rank state (early stopping's best weights) holds this rank's shard, not the whole.
+        return DTensor.from_local(value.to(device=local.device, dtype=template.dtype), template.device_mesh,
+                                  template.placements, run_check=False, shape=template.shape,
+                                  stride=template.stride())
+    return value
 
 
 def module_state_like(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -348,6 +348,8 @@ def _piece(name: str, t: torch.Tensor, dim: int | None, offset: int, length: int
 
 
 def _source(name: str, t: torch.Tensor) -> tuple:
+    if _is_dtensor(t):  # in a per-rank entry (e.g. early stopping's best weights): this rank's shard
+        t = t.to_local()  # type: ignore[attr-defined]
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()

@@ -23,6 +23,7 @@ import torch
 
 from pyengine import distributed
 from pyengine.checkpoint import Checkpointer
+from pyengine.checkpoint.dtensors import module_state_like
 from pyengine.train.callbacks import Callback
 from pyengine.train.early_stopping import EarlyStopping
 from pyengine.train.metrics_log import MetricsLog
@@ -182,7 +183,8 @@ class Trainer:
                 self._ckpt.close()
             self.log.close()
         if self.early_stopping is not None and self.early_stopping.restore_best and self.early_stopping.best_weights:
-            self.model.load_state_dict(self.early_stopping.best_weights)
+            # After a resume under FSDP / tensor parallelism the best weights are this rank's shards.
+            self.model.load_state_dict(module_state_like(self.model, self.early_stopping.best_weights))
         for cb in self.callbacks:
             cb.on_fit_end(self, self.history)
         return self.history
