@@ -175,6 +175,23 @@ def scenario_pipeline(out: Path) -> dict:
         + [float((a[k] - b[k]).abs().max()) for a, b in zip(again_opt.state.values(), opt.state.values())
            for k in ("exp_avg", "exp_avg_sq", "step")]))
     assert report["restore_pp_diff"] == 0.0, report
+    # A pipeline split differently (stage 0 = children 0-4, stage 1 = 5-6) restores it too.
+    gathered: list = [None] * pe.distributed.world_size()
+    named_state = {name: [p.detach(), *(opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step"))]
+                   for name, p in stage.named_parameters()}
+    dist.all_gather_object(gathered, named_state)
+    full = {k: v for part in gathered for k, v in part.items()}
+    resplit = pe.distributed.PipelineParallel(mse, split_points=["5"]).wrap(make_mlp())
+    resplit_opt = torch.optim.Adam(resplit.parameters(), lr=1e-2)
+    with pe.Checkpointer(out / "ckpt-pipeline") as ckpt:
+        assert ckpt.restore({"model": resplit, "optimizer": resplit_opt}) == STEPS
+    report["resplit_params"] = [n for n, _ in resplit.named_parameters()]
+    report["resplit_diff"] = worst_across_ranks(max(
+        float((a - b).abs().max()) for name, p in resplit.named_parameters()
+        for a, b in zip([p.detach(), *(resplit_opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step"))],
+                        full[name])))
+    assert report["resplit_diff"] == 0.0, report
+
     # ... and training goes on identically from there: one more step on both copies.
     x, y = batches()[0]
     for s_, o_ in ((strategy, opt), (again_strategy, again_opt)):

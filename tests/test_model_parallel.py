@@ -149,7 +149,10 @@ def test_a_pipeline_checkpoint_restores_into_a_plain_model_with_identical_weight
     assert not torch.equal(restored["0.weight"], scen.make_mlp().state_dict()["0.weight"])
     for rank in (0, 1):
         r = report(pipeline_run, rank, "pipeline")
-        assert r["restore_pp_diff"] == r["continue_diff"] == r["plain_to_pp_diff"] == 0.0
+        assert r["restore_pp_diff"] == r["continue_diff"] == r["plain_to_pp_diff"] == r["resplit_diff"] == 0.0
+    # ... also into stages split elsewhere than the saving run's (its stage 0 held 0 and 2 only).
+    assert report(pipeline_run, 0, "pipeline")["resplit_params"] == [
+        "0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
 
 
 def test_a_pipeline_checkpoint_is_one_plain_checkpoint_to_inspect_and_export(pipeline_run: Path,
