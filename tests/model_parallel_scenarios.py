@@ -100,6 +100,28 @@ def scenario_tensor(out: Path) -> dict:
     report["restore_tp_diff"] = max_diff(full_state(again), tp_state)
     assert report["restore_tp_diff"] == 0.0, report
 
+    # A transformer block: its feed-forward pair sharded, attention replicated, equals one process.
+    def block() -> torch.nn.Module:
+        torch.manual_seed(2)
+        return torch.nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+
+    g = torch.Generator().manual_seed(3)
+    seqs = [(torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)) for _ in range(STEPS)]
+    block_states = []
+    for strategy in (None, pe.distributed.TensorParallel(plan={"linear1": "colwise", "linear2": "rowwise"})):
+        model = strategy.wrap(block()) if strategy is not None else block()
+        # SGD, not Adam: attention's key bias has an exactly-zero gradient, whose float noise
+        # (1e-9, different in any two summation orders) Adam would normalise into lr-sized steps.
+        block_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in seqs:
+            block_opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            block_opt.step()
+        block_states.append(full_state(model))
+    assert type(dict(model.named_parameters())["linear1.weight"]).__name__ == "DTensor"
+    report["transformer_block_diff"] = max_diff(block_states[1], block_states[0])
+    assert report["transformer_block_diff"] <= TOLERANCE, report
+
     # The other way round: a checkpoint a plain process wrote (the test, before the launch)
     # restores into the tensor-parallel model, each rank cutting out its own shard.
     plain = pe.distributed.TensorParallel().wrap(make_mlp())
