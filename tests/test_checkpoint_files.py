@@ -66,3 +66,31 @@ def test_export_weights_of_a_missing_key_says_what_the_checkpoint_holds(tmp_path
     with pytest.raises(pe.CheckpointError, match="net"):
         pe.checkpoint.export_weights(tmp_path / "ckpt", tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_checksums_taken_during_the_copy_match_the_bytes_on_disk(tmp_path, overlap):
+    # The copy into staging computes each tensor's CRC32C in the same pass (split between
+    # threads above 8 MB, here at odd byte offsets); check them against an independent
+    # implementation over the bytes in the files, and the shard CRCs over the whole files.
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight = torch.nn.Parameter(torch.randint(0, 255, (9_000_001,), generator=g, dtype=torch.uint8),
+                                          requires_grad=False)
+        model.bias = torch.nn.Parameter(torch.randn(3, generator=g))
+    state = {"model": model, "odd": torch.arange(7, dtype=torch.int8), "big": torch.randn(2_100_003, generator=g)}
+    with pe.Checkpointer(tmp_path, max_shards=2, copy_threads=2) as ckpt:
+        handle = ckpt.save(1, state, overlap=overlap)
+        handle.wait()
+    body = json.loads(handle.path.joinpath("manifest.json").read_text())["manifest"]
+    for shard in body["shards"]:
+        data = handle.path.joinpath(shard["file"]).read_bytes()
+        assert pe._core.crc32c_portable(data) == shard["crc32c"], shard["file"]
+        header = shard["header_bytes"]
+        for name, entry in body["tensors"].items():
+            if body["shards"][entry["shard"]] is shard:
+                raw = data[entry["offset"]:entry["offset"] + entry["nbytes"]]
+                assert pe._core.crc32c_portable(raw) == entry["crc32c"], name
+                assert entry["offset"] >= header
+    assert {"model/weight", "model/bias", "odd", "big"} <= set(body["tensors"])

@@ -91,6 +91,7 @@ struct AsyncCheckpointWriter::Save {
   size_t sync_count = 0;
   std::string state_json;
   std::unique_ptr<StagingLease> staging;
+  std::vector<uint32_t> tensor_crcs;  // by layout tensor index, computed by the copy
   Clock::time_point started;
   std::thread thread;
   SaveStats stats;
@@ -99,22 +100,37 @@ struct AsyncCheckpointWriter::Save {
 };
 
 void copy_into_staging(const CheckpointLayout& layout, const std::vector<TensorSource>& sources, size_t first,
-                       size_t last, uint8_t* staging, size_t threads) {
+                       size_t last, uint8_t* staging, size_t threads, uint32_t* tensor_crcs) {
   uint64_t total = 0;
   for (size_t i = first; i < last; ++i) total += sources[i].spec.nbytes;
   if (total < kParallelCopyMinBytes) threads = 1;
   threads = std::max<size_t>(1, threads);
   // Thread t copies bytes [t*total/threads, (t+1)*total/threads) of the concatenated sources,
-  // so the work is even whatever the tensor sizes are.
+  // so the work is even whatever the tensor sizes are. A tensor split between threads gets a
+  // CRC per piece; the pieces are combined in order below.
+  struct Piece {
+    size_t tensor;
+    uint64_t length;
+    uint32_t crc;
+  };
+  std::vector<std::vector<Piece>> pieces(threads);
   parallel_for(threads, "pe-ckpt-copy", [&](size_t t) {
     uint64_t lo = total * t / threads, hi = total * (t + 1) / threads, pos = 0;
     for (size_t i = first; i < last && pos < hi; ++i) {
       uint64_t n = sources[i].spec.nbytes;
       uint64_t b = std::max(lo, pos), e = std::min(hi, pos + n);
-      if (b < e) std::memcpy(staging + layout.tensors[i].staging_offset + (b - pos), sources[i].data + (b - pos), e - b);
+      if (b < e) {
+        uint32_t crc = crc32c_copy(staging + layout.tensors[i].staging_offset + (b - pos), sources[i].data + (b - pos),
+                                   e - b);
+        pieces[t].push_back(Piece{i, e - b, crc});
+      }
       pos += n;
     }
   });
+  for (size_t i = first; i < last; ++i) tensor_crcs[i] = 0;  // empty tensors have no piece
+  for (const auto& thread_pieces : pieces)  // threads hold consecutive byte ranges, in order
+    for (const Piece& piece : thread_pieces)
+      tensor_crcs[piece.tensor] = crc32c_combine(tensor_crcs[piece.tensor], piece.crc, piece.length);
 }
 
 AsyncCheckpointWriter::AsyncCheckpointWriter(WriterOptions options)
@@ -159,7 +175,9 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
     save->stats.path = join_path(options_.directory, step_dir_name(step));
     save->sync_count = std::min(sync_count, sources.size());
     save->staging = std::make_unique<StagingLease>(pool_, layout.staging_bytes);
-    copy_into_staging(layout, sources, 0, save->sync_count, save->staging->data(), options_.copy_threads);
+    save->tensor_crcs.assign(sources.size(), 0);
+    copy_into_staging(layout, sources, 0, save->sync_count, save->staging->data(), options_.copy_threads,
+                      save->tensor_crcs.data());
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu_);
     --in_flight_;
@@ -190,7 +208,7 @@ void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
   if (!save->sources.empty()) {
     try {
       copy_into_staging(save->layout, save->sources, save->sync_count, save->sources.size(), save->staging->data(),
-                        options_.copy_threads);
+                        options_.copy_threads, save->tensor_crcs.data());
     } catch (...) {
       save->error = std::current_exception();
     }
@@ -213,6 +231,7 @@ void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
   save->staging.reset();
   save->layout = CheckpointLayout{};
   save->state_json = std::string{};
+  save->tensor_crcs = std::vector<uint32_t>{};
   {
     std::lock_guard<std::mutex> lock(mu_);
     save->stats.done = true;
@@ -233,7 +252,8 @@ void AsyncCheckpointWriter::persist(Save& save) {
     size_t writers = std::min(layout.shards.size(), std::max<size_t>(1, options_.max_shards));
     parallel_for(writers, "pe-ckpt-write", [&](size_t w) {
       for (size_t s = w; s < layout.shards.size(); s += writers)
-        results[s] = write_shard(join_path(tmp_dir, layout.shards[s].file_name), layout, s, save.staging->data());
+        results[s] = write_shard(join_path(tmp_dir, layout.shards[s].file_name), layout, s, save.staging->data(),
+                                 save.tensor_crcs);
     });
     std::string manifest = build_manifest(save.step, layout, results, save.state_json);
     File mf(join_path(tmp_dir, "manifest.json"), File::Mode::kCreateNew);

@@ -92,8 +92,10 @@ class AsyncCheckpointWriter {
   size_t in_flight_ = 0;
 };
 
-// Copies sources[first, last) into staging at their planned offsets, split across threads.
+// Copies sources[first, last) into staging at their planned offsets, split across threads,
+// and sets tensor_crcs[i] to the CRC32C of tensor i's bytes for i in [first, last): the copy
+// reads each byte once for both, so the writers need not read staging again to checksum it.
 void copy_into_staging(const CheckpointLayout& layout, const std::vector<TensorSource>& sources, size_t first,
-                       size_t last, uint8_t* staging, size_t threads);
+                       size_t last, uint8_t* staging, size_t threads, uint32_t* tensor_crcs);
 
 }  // namespace pe

@@ -12,7 +12,7 @@
 namespace pe {
 namespace {
 
-// Each chunk is checksummed while it is still in cache, then handed to write(2).
+// Data goes to write(2) in chunks of this size.
 constexpr uint64_t kChunk = uint64_t{8} << 20;
 
 struct AlignedFree {
@@ -39,7 +39,8 @@ void write_chunk(File& file, bool& direct, const uint8_t* data, uint64_t n) {
 
 }  // namespace
 
-ShardResult write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging) {
+ShardResult write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging,
+                        const std::vector<uint32_t>& tensor_crcs) {
   const ShardPlan& plan = layout.shards[shard];
   ShardResult result;
   File file(path, File::Mode::kCreateNew);
@@ -51,32 +52,18 @@ ShardResult write_shard(const std::string& path, const CheckpointLayout& layout,
   std::unique_ptr<void, AlignedFree> header(raw);
   std::memcpy(header.get(), plan.header.data(), plan.header.size());
   write_chunk(file, direct, static_cast<const uint8_t*>(header.get()), plan.header.size());
-  uint32_t file_crc = crc32c(plan.header.data(), plan.header.size());
 
-  // Data: checksum each tensor chunk by chunk, writing as the chunks are done.
+  // The shard's data is its tensors back to back, so the file CRC chains the tensors' CRCs.
+  uint32_t file_crc = crc32c(plan.header.data(), plan.header.size());
+  for (size_t index : plan.tensors) {
+    result.tensor_crcs[index] = tensor_crcs.at(index);
+    file_crc = crc32c_combine(file_crc, tensor_crcs[index], layout.tensors[index].spec.nbytes);
+  }
+
   const uint8_t* base = staging + plan.staging_offset;
   const uint64_t aligned_end = plan.data_bytes / kFileAlign * kFileAlign;
-  size_t next_tensor = 0;
-  uint64_t tensor_done = 0;  // bytes of plan.tensors[next_tensor] checksummed so far
-  uint32_t crc = 0;
   for (uint64_t begin = 0; begin < plan.data_bytes;) {
     uint64_t end = begin < aligned_end ? std::min(begin + kChunk, aligned_end) : plan.data_bytes;
-    for (uint64_t pos = begin; pos < end;) {
-      const PlacedTensor& t = layout.tensors[plan.tensors[next_tensor]];
-      uint64_t n = std::min(end - pos, t.spec.nbytes - tensor_done);
-      crc = crc32c_extend(crc, base + pos, n);
-      pos += n;
-      tensor_done += n;
-      while (next_tensor < plan.tensors.size() &&
-             tensor_done == layout.tensors[plan.tensors[next_tensor]].spec.nbytes) {
-        const PlacedTensor& done = layout.tensors[plan.tensors[next_tensor]];
-        result.tensor_crcs[plan.tensors[next_tensor]] = crc;
-        file_crc = crc32c_combine(file_crc, crc, done.spec.nbytes);
-        crc = 0;
-        tensor_done = 0;
-        ++next_tensor;
-      }
-    }
     // The unaligned tail (< kFileAlign bytes) cannot go through O_DIRECT.
     if (begin >= aligned_end && direct) {
       direct = false;
@@ -85,8 +72,6 @@ ShardResult write_shard(const std::string& path, const CheckpointLayout& layout,
     write_chunk(file, direct, base + begin, end - begin);
     begin = end;
   }
-  // Zero-byte tensors at the end of the shard never entered the loop above.
-  for (; next_tensor < plan.tensors.size(); ++next_tensor) result.tensor_crcs[plan.tensors[next_tensor]] = 0;
   file.sync();
   file.close();
   result.file_crc = file_crc;

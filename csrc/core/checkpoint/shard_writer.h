@@ -1,9 +1,10 @@
-// Writes one shard file (a valid safetensors file) from staging, checksumming as it goes.
+// Writes one shard file (a valid safetensors file) from staging.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "checkpoint/shard_layout.h"
 
@@ -15,6 +16,9 @@ struct ShardResult {
 };
 
 // Creates `path` (which must not exist), writes header and data, fsyncs and closes it.
-ShardResult write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging);
+// tensor_crcs holds each layout tensor's CRC32C, computed when it was copied into staging;
+// the file's CRC is combined from them and the header's, without reading the data again.
+ShardResult write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging,
+                        const std::vector<uint32_t>& tensor_crcs);
 
 }  // namespace pe

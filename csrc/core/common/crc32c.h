@@ -23,4 +23,10 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 
 bool crc32c_hardware_available();
 
+// Copies n bytes from src to dst and returns their CRC32C, reading src once. On x86-64 with
+// SSE4.2 the stores bypass the cache (non-temporal), so a large copy neither evicts the
+// caller's working set nor pays a read-for-ownership per line; they are fenced before return.
+// The buffers must not overlap.
+uint32_t crc32c_copy(void* dst, const void* src, size_t n);
+
 }  // namespace pe
