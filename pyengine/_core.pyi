@@ -30,6 +30,10 @@ class AsyncCheckpointWriter:
         """
         Blocks until no save is in flight; raises the first error not yet raised.
         """
+    def reserve(self, sources: list) -> int:
+        """
+        Allocates and touches the staging memory a save of `sources` needs (nothing is copied); returns the staging bytes held.
+        """
     def wait_snapshot(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
         Blocks until every byte of save `id` is staged.

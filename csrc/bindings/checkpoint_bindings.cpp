@@ -92,6 +92,23 @@ void bind_checkpoint(py::module_& m) {
           py::arg("step"), py::arg("sources"), py::arg("state_json"), py::arg("sync_count"),
           "Blocks for an in-flight slot and for copying sources[:sync_count]; the rest is copied in the "
           "background. Keep every source alive until wait_snapshot(id) returns. Returns the save id.")
+      .def(
+          "reserve",
+          [](AsyncCheckpointWriter& w, const py::list& sources) {
+            std::vector<TensorSpec> specs;
+            for (const py::handle& item : sources) {
+              auto t = item.cast<py::tuple>();
+              if (t.size() != 4) throw pe::InvalidArgument("each source is (name, dtype, shape, buffer)");
+              Bytes b = bytes_of(t[3].cast<py::buffer>(), false);
+              specs.push_back(TensorSpec{t[0].cast<std::string>(), t[1].cast<std::string>(),
+                                         t[2].cast<std::vector<int64_t>>(), b.size});
+            }
+            py::gil_scoped_release release;
+            return w.reserve(specs);
+          },
+          py::arg("sources"),
+          "Allocates and touches the staging memory a save of `sources` needs (nothing is copied); "
+          "returns the staging bytes held.")
       .def("wait_snapshot", &AsyncCheckpointWriter::wait_snapshot, py::call_guard<py::gil_scoped_release>(),
            "Blocks until every byte of save `id` is staged.")
       .def("wait", &AsyncCheckpointWriter::wait, py::call_guard<py::gil_scoped_release>(),

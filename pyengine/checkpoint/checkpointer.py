@@ -176,12 +176,7 @@ class Checkpointer:
             return sharded_handle  # type: ignore[return-value]
         writer = self._ensure_writer()
         self._guard.drain()  # no earlier snapshot may still read the buffers refilled below
-        encoder = StateEncoder()
-        objects = {key: encode_object(encoder, key, obj) for key, obj in state.items()}
-        capture = self.capture_rng if rng is None else rng
-        rng_tree = encoder.encode(capture_rng_state(), (_RNG_KEY,)) if capture else None
-        state_json = json.dumps({"objects": objects, "rng": rng_tree}, allow_nan=False, separators=(",", ":"))
-        sources, sync_count = self._sources(encoder.tensors, overlap)
+        sources, sync_count, state_json = self._encode(state, overlap, rng)
         save_id = writer.save(step, sources, state_json, sync_count)
         keep_alive = sources if sync_count < len(sources) else None
         handle = SaveHandle(writer, save_id, step, time.perf_counter() - started, keep_alive)
@@ -189,6 +184,35 @@ class Checkpointer:
             self._guard.add(handle.wait_snapshot)
         self._pending.append(handle)
         return handle
+
+    def reserve(self, state: Mapping[str, Any]) -> int:
+        """Allocates the staging memory a save of `state` needs now, so that the first save()
+        does not stall for it (a few hundred MB cost more in page faults than in copying).
+
+        Call it once the state has its full size: after the first optimizer step, which
+        creates Adam's moments. Nothing is written. Returns the staging bytes held.
+        """
+        self._check_open()
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+            raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
+        if self._sharded is not None:
+            return 0  # each distributed save builds its own writer (no staging reuse yet)
+        sources, _, _ = self._encode(state, False, None)
+        return int(self._ensure_writer().reserve(sources))
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for snapshots (allocated by the first save or by reserve(), then reused)."""
+        return int(self._writer.staging_bytes) if self._writer is not None else 0
+
+    def _encode(self, state: Mapping[str, Any], overlap: bool, rng: bool | None) -> tuple[list[tuple], int, str]:
+        encoder = StateEncoder()
+        objects = {key: encode_object(encoder, key, obj) for key, obj in state.items()}
+        capture = self.capture_rng if rng is None else rng
+        rng_tree = encoder.encode(capture_rng_state(), (_RNG_KEY,)) if capture else None
+        state_json = json.dumps({"objects": objects, "rng": rng_tree}, allow_nan=False, separators=(",", ":"))
+        sources, sync_count = self._sources(encoder.tensors, overlap)
+        return sources, sync_count, state_json
 
     def maybe_save(self, step: int, state: Mapping[str, Any], **save_kwargs: Any) -> SaveHandle | None:
         """Saves `state` when the policy says so; call it once per training step.

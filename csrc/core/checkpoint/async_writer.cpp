@@ -201,6 +201,12 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
   return save->id;
 }
 
+uint64_t AsyncCheckpointWriter::reserve(const std::vector<TensorSpec>& specs) {
+  CheckpointLayout layout = plan_layout(specs, options_.max_shards);
+  { StagingLease lease(pool_, layout.staging_bytes); }  // released to the pool, which keeps it
+  return pool_.allocated_bytes();
+}
+
 void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
   name_this_thread("pe-ckpt-" + std::to_string(save->step));
   // Linux keeps a nice value per thread; the writer threads started below inherit it.

@@ -67,6 +67,9 @@ class AsyncCheckpointWriter {
 
   // Blocks for an in-flight slot and for copying sources[0, sync_count). Returns a save id.
   uint64_t save(uint64_t step, std::vector<TensorSource> sources, std::string state_json, size_t sync_count);
+  // Allocates (and touches) the staging memory a save of these tensors needs, so that the first
+  // save() does not pay for it. Returns the staging bytes now held by the pool.
+  uint64_t reserve(const std::vector<TensorSpec>& specs);
   void wait_snapshot(uint64_t id);
   void wait(uint64_t id);
   void wait_all();
