@@ -32,7 +32,7 @@ class AsyncCheckpointWriter:
         """
     def reserve(self, sources: list) -> int:
         """
-        Allocates and touches the staging memory a save of `sources` needs (nothing is copied); returns the staging bytes held.
+        Allocates and touches the staging memory a save of `sources` needs (nothing is copied); blocks while it does, and while a staging cap is reached. Returns the staging bytes held.
         """
     def wait_snapshot(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         """

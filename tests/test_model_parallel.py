@@ -198,18 +198,3 @@ def test_outside_a_job_a_pipeline_step_is_a_plain_forward_and_backward() -> None
     assert torch.equal(loss, ref_loss.detach())
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
 
-
-def test_merging_stages_refuses_shared_modules_and_differing_hyperparameters() -> None:
-    from pyengine.checkpoint import partitioned
-
-    a = {"0.weight": {"__tensor__": "model/0.weight"}}
-    with pytest.raises(pe.CheckpointError, match="must not share modules"):
-        partitioned.merge("model", partitioned.MODULE, [a, dict(a)])
-    group = {"lr": 0.01, "betas": {"__tuple__": [0.9, 0.999]}, "params": [0]}
-    opt0 = {"state": {"__dict__": [[0, {"step": 1}]]}, "param_groups": [group]}
-    opt1 = {"state": {"__dict__": [[1, {"step": 1}]]}, "param_groups": [{**group, "params": [1]}]}
-    merged = partitioned.merge("optimizer", partitioned.OPTIMIZER, [opt1, opt0])
-    assert merged["param_groups"][0]["params"] == [0, 1]
-    assert [k for k, _ in merged["state"]["__dict__"]] == [0, 1]
-    with pytest.raises(pe.CheckpointError, match="hyperparameters differ"):
-        partitioned.merge("optimizer", partitioned.OPTIMIZER, [opt0, {**opt1, "param_groups": [{**group, "lr": 1.0}]}])

@@ -107,8 +107,8 @@ void bind_checkpoint(py::module_& m) {
             return w.reserve(specs);
           },
           py::arg("sources"),
-          "Allocates and touches the staging memory a save of `sources` needs (nothing is copied); "
-          "returns the staging bytes held.")
+          "Allocates and touches the staging memory a save of `sources` needs (nothing is copied); blocks "
+          "while it does, and while a staging cap is reached. Returns the staging bytes held.")
       .def("wait_snapshot", &AsyncCheckpointWriter::wait_snapshot, py::call_guard<py::gil_scoped_release>(),
            "Blocks until every byte of save `id` is staged.")
       .def("wait", &AsyncCheckpointWriter::wait, py::call_guard<py::gil_scoped_release>(),

@@ -190,9 +190,13 @@ class Checkpointer:
         does not stall for it (a few hundred MB cost more in page faults than in copying).
 
         Call it once the state has its full size: after the first optimizer step, which
-        creates Adam's moments. Nothing is written. Returns the staging bytes held.
+        creates Adam's moments. Nothing is written; it blocks while the memory is allocated
+        and touched (and, with staging_cap_bytes, until enough is free). One save's worth is
+        reserved, also with max_in_flight > 1. Returns the staging bytes held; 0 in a
+        distributed world, where each save still allocates its own (not yet reused).
         """
         self._check_open()
+        self._guard.drain()  # encoding refills CUDA mirrors that an overlapped save may still read
         if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
             raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
         if self._sharded is not None:

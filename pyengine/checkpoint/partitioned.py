@@ -39,6 +39,7 @@ class Partition:
             raise ValueError(f"stage parameters {unknown} are not parameters of the full model under those names")
         self.stage = stage
         self.global_id = {name: position[name] for name, _ in stage.named_parameters()}
+        self.param_count = len(position)  # of the full model
 
     def optimizer_ids(self, optimizer: torch.optim.Optimizer) -> list[int]:
         """Global id of each of the optimizer's parameters, in the optimizer's own order."""
@@ -92,9 +93,16 @@ def localize(kind: str, encoded: Any, partition: Partition, optimizer: Any, key:
     """The part of a global (plain-form) encoded entry that a stage holds, in its numbering.
 
     Works on the encoded tree, before tensors are read, so a stage reads only its own bytes.
+    The global ids are positions in the full model's parameters(): true of every pipeline
+    checkpoint, and of a plain one whose optimizer was built over model.parameters(), which
+    is checked as far as the ids allow.
+
+    Raises:
+        ValueError: the saved entry does not fit this stage's module or optimizer (a
+            configuration mismatch, not corruption: no older checkpoint is tried).
     """
     if not isinstance(encoded, dict):
-        raise CheckpointError(f"checkpoint entry {key!r} is not a saved module or optimizer")
+        raise ValueError(f"checkpoint entry {key!r} is not a saved module or optimizer")
     if kind == MODULE:
         wanted = set(partition.stage.state_dict())
         return {k: v for k, v in encoded.items() if k in wanted}
@@ -102,12 +110,29 @@ def localize(kind: str, encoded: Any, partition: Partition, optimizer: Any, key:
     local = {g: i for i, g in enumerate(ids)}
     groups = encoded.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(f"checkpoint entry {key!r} has {len(groups) if isinstance(groups, list) else 'no'} "
-                              f"param groups; the stage optimizer has {len(optimizer.param_groups)}")
+        raise ValueError(f"checkpoint entry {key!r} has {len(groups) if isinstance(groups, list) else 'no'} "
+                         f"param groups; the stage optimizer has {len(optimizer.param_groups)}")
+    saved_ids = [i for g in groups for i in g.get("params", [])]
+    if sorted(saved_ids) != list(range(partition.param_count)):
+        raise ValueError(f"checkpoint entry {key!r} holds optimizer state for {len(saved_ids)} parameters, not for "
+                         f"each of the full model's {partition.param_count} in order, so its ids cannot be "
+                         "mapped to stage parameters: save from an optimizer over model.parameters()")
+    local_groups = []
+    start = 0
+    for index, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
+        # torch pairs saved and current parameters by position within each group, so the
+        # stage's ids go in its own order; each group must hold the same parameters as saved.
+        mine = sorted(local[i] for i in saved["params"] if i in local)
+        expected = list(range(start, start + len(current["params"])))
+        if mine != expected:
+            raise ValueError(f"checkpoint entry {key!r}: param group {index} of the stage optimizer holds other "
+                             "parameters than the saved group; build the optimizer's groups like the saving run's")
+        start += len(current["params"])
+        local_groups.append({**saved, "params": mine})
     return {**encoded,
-            "state": _encode_int_dict({local[g]: v for g, v in _int_dict(encoded.get("state", {})).items()
+            "state": _encode_int_dict({local[g]: v for g, v in _int_dict(encoded.get("state", {}), key).items()
                                        if g in local}),
-            "param_groups": [{**g, "params": [local[i] for i in g["params"] if i in local]} for g in groups]}
+            "param_groups": local_groups}
 
 
 def merge(key: str, kind: str, parts: list[Any]) -> Any:
@@ -123,7 +148,7 @@ def merge(key: str, kind: str, parts: list[Any]) -> Any:
         return merged  # rank order, each rank's keys in its own order: the plain model's order
     state: dict[int, Any] = {}
     for part in parts:
-        state.update(_int_dict(part.get("state", {})))
+        state.update(_int_dict(part.get("state", {}), key))
     groups = [dict(g) for g in parts[0]["param_groups"]]
     for rank, part in enumerate(parts[1:], start=1):
         if len(part["param_groups"]) != len(groups):
@@ -138,12 +163,12 @@ def merge(key: str, kind: str, parts: list[Any]) -> Any:
     return {**parts[0], "state": _encode_int_dict(dict(sorted(state.items()))), "param_groups": groups}
 
 
-def _int_dict(encoded: Any) -> dict[int, Any]:
+def _int_dict(encoded: Any, key: str) -> dict[int, Any]:
     """An encoded int-keyed dict ({"__dict__": [[k, v], ...]}, or {} when empty) as a dict."""
     if encoded == {}:
         return {}
     if not isinstance(encoded, dict) or not isinstance(encoded.get("__dict__"), list):
-        raise CheckpointError("optimizer state in the checkpoint is not keyed by parameter id")
+        raise ValueError(f"checkpoint entry {key!r}: its optimizer state is not keyed by parameter id")
     return {k: v for k, v in encoded["__dict__"]}
 
 

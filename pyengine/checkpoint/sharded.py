@@ -229,8 +229,11 @@ class ShardedSaver:
                 raise CheckpointError(f"rank {rank} holds different models/optimizers than rank 0; a sharded "
                                       "checkpoint needs the same logical state on every rank, except pipeline "
                                       "stages made by pe.distributed.PipelineParallel")
-            if {k: kind for k, (kind, _) in owned.items()} != {k: kind for k, (kind, _) in gathered[0][2][1].items()}:
-                raise CheckpointError(f"rank {rank} saves other pipeline-stage entries than rank 0")
+            kinds = {k: kind for k, (kind, _) in owned.items()}
+            kinds0 = {k: kind for k, (kind, _) in gathered[0][2][1].items()}
+            if kinds != kinds0:
+                raise CheckpointError(f"rank {rank} saves pipeline-stage entries {kinds}, rank 0 saves {kinds0}: "
+                                      "every rank must save its stage and optimizer under the same names")
         objects = dict(gathered[0][2][0])
         for key, (kind, _) in gathered[0][2][1].items():
             objects[key] = partitioned.merge(key, kind, [g[2][1][key][1] for g in gathered])
