@@ -56,8 +56,24 @@ class ZeroShift {
   uint32_t table_[4][256];
 };
 
-__attribute__((target("sse4.2"))) uint32_t extend_sse42(uint32_t crc, const uint8_t* p, size_t n) {
+// Non-temporal 8-byte store: bypasses the caches and the read-for-ownership of the line.
+__attribute__((target("sse4.2"))) inline void stream_store(uint8_t* to, uint64_t v) {
+  _mm_stream_si64(reinterpret_cast<long long*>(to), static_cast<long long>(v));
+}
+
+// One pass of CRC32C over [p, p + n), extending `crc`; with kCopy, each word is also stored to
+// dst (non-temporally) right after it is checksummed, so a copy reads its source once.
+template <bool kCopy>
+__attribute__((target("sse4.2"))) uint32_t crc_pass(uint32_t crc, uint8_t* dst, const uint8_t* p, size_t n) {
   uint64_t c = ~crc;
+  if constexpr (kCopy) {
+    // Non-temporal 8-byte stores need 8-byte aligned destinations: copy up to alignment first.
+    while (n > 0 && (reinterpret_cast<uintptr_t>(dst) & 7u) != 0) {
+      c = _mm_crc32_u8(static_cast<uint32_t>(c), *p);
+      *dst++ = *p++;
+      --n;
+    }
+  }
   // The instruction has a latency of 3 cycles and a throughput of 1: three streams over
   // adjacent blocks keep it busy (~3x one stream), then their registers are combined.
   constexpr size_t kBlock = 8192;
@@ -72,71 +88,36 @@ __attribute__((target("sse4.2"))) uint32_t extend_sse42(uint32_t crc, const uint
       c = _mm_crc32_u64(c, a);
       c1 = _mm_crc32_u64(c1, b);
       c2 = _mm_crc32_u64(c2, d);
+      if constexpr (kCopy) {
+        stream_store(dst + i, a);
+        stream_store(dst + kBlock + i, b);
+        stream_store(dst + 2 * kBlock + i, d);
+      }
     }
     uint32_t merged = kShift(static_cast<uint32_t>(c)) ^ static_cast<uint32_t>(c1);
     c = kShift(merged) ^ static_cast<uint32_t>(c2);
     p += 3 * kBlock;
+    if constexpr (kCopy) dst += 3 * kBlock;
     n -= 3 * kBlock;
   }
   while (n >= 8) {
     uint64_t v;
     std::memcpy(&v, p, 8);
     c = _mm_crc32_u64(c, v);
-    p += 8;
-    n -= 8;
-  }
-  uint32_t c32 = static_cast<uint32_t>(c);
-  while (n--) c32 = _mm_crc32_u8(c32, *p++);
-  return ~c32;
-}
-
-// extend_sse42 with a store of every word after it is checksummed: one pass over the source.
-__attribute__((target("sse4.2"))) uint32_t copy_sse42(uint8_t* dst, const uint8_t* p, size_t n) {
-  uint64_t c = ~uint32_t{0};
-  constexpr size_t kBlock = 8192;
-  static const ZeroShift kShift(kBlock);
-  auto store = [](uint8_t* to, uint64_t v) { _mm_stream_si64(reinterpret_cast<long long*>(to), static_cast<long long>(v)); };
-  // Non-temporal 8-byte stores need 8-byte aligned destinations: copy up to alignment first.
-  while (n > 0 && (reinterpret_cast<uintptr_t>(dst) & 7u) != 0) {
-    c = _mm_crc32_u8(static_cast<uint32_t>(c), *p);
-    *dst++ = *p++;
-    --n;
-  }
-  while (n >= 3 * kBlock) {
-    uint64_t c1 = 0, c2 = 0;
-    for (size_t i = 0; i < kBlock; i += 8) {
-      uint64_t a, b, d;
-      std::memcpy(&a, p + i, 8);
-      std::memcpy(&b, p + kBlock + i, 8);
-      std::memcpy(&d, p + 2 * kBlock + i, 8);
-      c = _mm_crc32_u64(c, a);
-      c1 = _mm_crc32_u64(c1, b);
-      c2 = _mm_crc32_u64(c2, d);
-      store(dst + i, a);
-      store(dst + kBlock + i, b);
-      store(dst + 2 * kBlock + i, d);
+    if constexpr (kCopy) {
+      stream_store(dst, v);
+      dst += 8;
     }
-    uint32_t merged = kShift(static_cast<uint32_t>(c)) ^ static_cast<uint32_t>(c1);
-    c = kShift(merged) ^ static_cast<uint32_t>(c2);
-    p += 3 * kBlock;
-    dst += 3 * kBlock;
-    n -= 3 * kBlock;
-  }
-  while (n >= 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    c = _mm_crc32_u64(c, v);
-    store(dst, v);
     p += 8;
-    dst += 8;
     n -= 8;
   }
   uint32_t c32 = static_cast<uint32_t>(c);
   while (n--) {
     c32 = _mm_crc32_u8(c32, *p);
-    *dst++ = *p++;
+    if constexpr (kCopy) *dst++ = *p;
+    ++p;
   }
-  _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
+  if constexpr (kCopy) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
   return ~c32;
 }
 #endif
@@ -209,14 +190,15 @@ bool crc32c_hardware_available() {
 
 uint32_t crc32c_extend(uint32_t crc, const void* data, size_t n) {
 #ifdef PE_CRC32C_X86
-  if (crc32c_hardware_available()) return extend_sse42(crc, static_cast<const uint8_t*>(data), n);
+  if (crc32c_hardware_available()) return crc_pass<false>(crc, nullptr, static_cast<const uint8_t*>(data), n);
 #endif
   return crc32c_extend_portable(crc, data, n);
 }
 
 uint32_t crc32c_copy(void* dst, const void* src, size_t n) {
 #ifdef PE_CRC32C_X86
-  if (crc32c_hardware_available()) return copy_sse42(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n);
+  if (crc32c_hardware_available())
+    return crc_pass<true>(0, static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n);
 #endif
   std::memcpy(dst, src, n);
   return crc32c_extend_portable(0, dst, n);
