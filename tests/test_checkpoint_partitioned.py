@@ -36,6 +36,17 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.step()
 
 
+def _plain_checkpoint(directory: Path, steps: list[int]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A trained plain model with Adam over model.parameters(), saved at each of `steps`."""
+    full = _model()
+    opt = torch.optim.Adam(full.parameters(), lr=0.1)
+    _step(full, opt)
+    with pe.Checkpointer(directory) as ckpt:
+        for step in steps:
+            ckpt.save(step, {"model": full, "optimizer": opt}).wait()
+    return full, opt
+
+
 def test_a_stage_optimizer_in_its_own_order_round_trips_through_global_ids() -> None:
     full = _model()
     stage = _stage(full, ["0", "1", "2"])
@@ -61,11 +72,7 @@ def test_a_stage_optimizer_in_its_own_order_round_trips_through_global_ids() -> 
 
 
 def test_a_plain_checkpoint_restores_into_a_stage(tmp_path: Path) -> None:
-    full = _model()
-    opt = torch.optim.Adam(full.parameters(), lr=0.1)
-    _step(full, opt)
-    with pe.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, {"model": full, "optimizer": opt}).wait()
+    full, opt = _plain_checkpoint(tmp_path, [1])
     target = _model()
     stage = _stage(target, ["2", "3"])
     stage_opt = torch.optim.Adam(stage.parameters(), lr=0.1)
@@ -78,12 +85,7 @@ def test_a_plain_checkpoint_restores_into_a_stage(tmp_path: Path) -> None:
 
 
 def test_a_stage_optimizer_that_does_not_fit_is_refused_and_nothing_is_quarantined(tmp_path: Path) -> None:
-    full = _model()
-    opt = torch.optim.Adam(full.parameters(), lr=0.1)
-    _step(full, opt)
-    with pe.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, {"model": full, "optimizer": opt}).wait()
-        ckpt.save(2, {"model": full, "optimizer": opt}).wait()
+    _plain_checkpoint(tmp_path, [1, 2])
     stage = _stage(_model(), ["0", "1", "2"])
     p = dict(stage.named_parameters())
     two_groups = torch.optim.Adam([{"params": [p["0.weight"], p["0.bias"]]}, {"params": [p["2.weight"], p["2.bias"]]}])

@@ -27,14 +27,20 @@ def torchrun(nproc: int, scenario: str, out: Path) -> None:
     launch(SCENARIOS, nproc, scenario, str(out))
 
 
+def trained_mlp(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The scenarios' MLP trained in this process, then moved away from anything a launch trains."""
+    model, opt, _ = scen.fit(scen.make_mlp())
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p))
+    return model, opt
+
+
 @pytest.fixture(scope="module")
 def tensor_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain checkpoint for the launch to restore, then one 2-rank tensor-parallel launch."""
     out = tmp_path_factory.mktemp("tp")
-    model, _, _ = scen.fit(scen.make_mlp())
-    torch.manual_seed(5)
-    for p in model.parameters():  # distinct from anything the launch trains itself
-        p.data.add_(torch.randn_like(p))
+    model, _ = trained_mlp(5)
     with pe.Checkpointer(out / "ckpt-plain") as ckpt:
         ckpt.save(scen.STEPS, {"model": model}).wait()
     torch.save(model.state_dict(), out / "plain_state.pt")
@@ -47,10 +53,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain checkpoint (model and Adam) for the launch to restore into stages, then one
     2-stage pipeline launch."""
     out = tmp_path_factory.mktemp("pp")
-    model, opt, _ = scen.fit(scen.make_mlp())
-    torch.manual_seed(6)
-    for p in model.parameters():  # distinct from anything the launch trains itself
-        p.data.add_(torch.randn_like(p))
+    model, opt = trained_mlp(6)
     with pe.Checkpointer(out / "ckpt-plain") as ckpt:
         ckpt.save(scen.STEPS, {"model": model, "optimizer": opt}).wait()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "plain_state.pt")

@@ -168,8 +168,7 @@ class Checkpointer:
         self._check_open()
         self._pending = [h for h in self._pending if not h.done()]
         step = self._check_step(step)
-        if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
-            raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
+        _check_state(state)
         if self._sharded is not None:
             sharded_handle = self._sharded.save(step, state, self.capture_rng if rng is None else rng)
             self._pending.append(sharded_handle)  # type: ignore[arg-type]
@@ -197,8 +196,7 @@ class Checkpointer:
         """
         self._check_open()
         self._guard.drain()  # encoding refills CUDA mirrors that an overlapped save may still read
-        if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
-            raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
+        _check_state(state)
         if self._sharded is not None:
             return 0  # each distributed save builds its own writer (no staging reuse yet)
         sources, _, _ = self._encode(state, False, None)
@@ -407,6 +405,11 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({str(self.directory)!r}, keep_last={self.keep_last}, steps={self.steps()})"
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+        raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
 
 
 class _MissingKeys(CheckpointError):
