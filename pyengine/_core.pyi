@@ -16,9 +16,9 @@ class AsyncCheckpointWriter:
     """
     def __init__(self, directory: str, max_shards: typing.SupportsInt | typing.SupportsIndex = 4, copy_threads: typing.SupportsInt | typing.SupportsIndex = 2, max_in_flight: typing.SupportsInt | typing.SupportsIndex = 1, staging_cap_bytes: typing.SupportsInt | typing.SupportsIndex = 0, keep_last: typing.SupportsInt | typing.SupportsIndex = 0, background_nice: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
-    def save(self, step: typing.SupportsInt | typing.SupportsIndex, sources: list, state_json: str, sync_count: typing.SupportsInt | typing.SupportsIndex) -> int:
+    def save(self, step: typing.SupportsInt | typing.SupportsIndex, sources: list, state_json: str, sync_count: typing.SupportsInt | typing.SupportsIndex, directory: str = '') -> int:
         """
-        Blocks for an in-flight slot and for copying sources[:sync_count]; the rest is copied in the background. Keep every source alive until wait_snapshot(id) returns. Returns the save id.
+        Blocks for an in-flight slot and for copying sources[:sync_count]; the rest is copied in the background. Keep every source alive until wait_snapshot(id) returns. Commits step-N under `directory` (default: the writer's; keep_last prunes only there). Returns the save id.
         """
     def stats(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> dict:
         ...
@@ -150,7 +150,7 @@ def crc32c_portable(arg0: typing_extensions.Buffer) -> int:
     """
 def read_shards(shards: list, threads: typing.SupportsInt | typing.SupportsIndex = 4) -> None:
     """
-    Reads and verifies tensors into destination buffers, shards in parallel. Releases the GIL.
+    Reads and verifies tensors into destination buffers, shards in parallel. With each shard's extents (every tensor's offset, size and CRC32C), a partial read checks the header too. Releases the GIL.
     """
 def verify_file(path: str, file_bytes: typing.SupportsInt | typing.SupportsIndex, file_crc32c: typing.SupportsInt | typing.SupportsIndex) -> None:
     """

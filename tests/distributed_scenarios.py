@@ -142,7 +142,30 @@ def scenario_train(out: Path) -> dict:
     report["unfreeze"] = scenario_unfreeze(out)
     report["failed_save"] = scenario_failed_save(out)
     report["policy_steps"] = scenario_policy(out)
+    report["staging"] = scenario_staging_reuse(out, fsdp, fsdp_opt)
     return report
+
+
+def scenario_staging_reuse(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Each rank allocates its snapshot memory once (here ahead, by reserve()) and every later
+    save reuses it: the memory held does not grow, and each save still commits its own step."""
+    with pe.Checkpointer(out / "ckpt-staging", keep_last=2) as ckpt:
+        assert ckpt.staging_bytes == 0
+        reserved = ckpt.reserve({"model": model, "optimizer": opt})
+        assert reserved > 0 and ckpt.staging_bytes == reserved, (reserved, ckpt.staging_bytes)
+        held = []
+        for step in (1, 2, 3):
+            ckpt.save(step, {"model": model, "optimizer": opt}).wait()
+            held.append(ckpt.staging_bytes)
+        assert held == [reserved] * 3, (reserved, held)
+        steps = ckpt.steps()
+    assert steps == [2, 3], steps
+    fresh = pe.distributed.FullyShard().wrap(make_model())
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    with pe.Checkpointer(out / "ckpt-staging") as ckpt:
+        assert ckpt.restore({"model": fresh, "optimizer": fresh_opt}) == 3
+    assert max_diff(full_state(fresh), full_state(model)) == 0.0
+    return {"reserved": reserved, "held": held}
 
 
 def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -245,7 +268,7 @@ def scenario_failed_save(out: Path) -> str:
     with pe.Checkpointer(out / "ckpt-fail") as ckpt:
         ckpt.save(1, {"model": model}).wait()
         if pe.distributed.rank() == 1:
-            ckpt._sharded.make_writer = FailingWriter
+            ckpt._sharded._writer = FailingWriter()  # the writer every later save of this rank uses
         try:
             ckpt.save(2, {"model": model}).wait()
         except pe.CheckpointError as e:
@@ -305,22 +328,16 @@ def scenario_reshard(out: Path) -> dict:
 
 
 class StuckWriter:
-    """Wraps a real writer whose part never finishes: the process dies while writing it."""
+    """Wraps the rank's real writer, whose part then never finishes: the process dies while writing it."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        self.inner = _core_writer()(*args, **kwargs)
+    def __init__(self, inner) -> None:
+        self.inner = inner
 
     def save(self, *args, **kwargs) -> int:
         return self.inner.save(*args, **kwargs)
 
     def wait(self, save_id: int) -> None:
         threading.Event().wait()
-
-
-def _core_writer():
-    from pyengine import _core
-
-    return _core.AsyncCheckpointWriter
 
 
 def scenario_kill(out: Path) -> dict:
@@ -330,7 +347,7 @@ def scenario_kill(out: Path) -> dict:
         ckpt.save(1, {"model": model}).wait()
         pe.distributed.barrier()
         if pe.distributed.rank() == 1:
-            ckpt._sharded.make_writer = StuckWriter
+            ckpt._sharded._writer = StuckWriter(ckpt._sharded._writer)
         ckpt.save(2, {"model": model})
         if pe.distributed.rank() == 1:
             time.sleep(0.2)  # its shards are on their way to disk, the commit gather not reached

@@ -177,6 +177,21 @@ def test_restore_falls_back_to_the_older_checkpoint(two_checkpoints: Path, damag
         assert_state_equals(target, 2)
 
 
+def test_restoring_some_keys_still_checks_the_header_of_the_shard_it_reads(tmp_path: Path) -> None:
+    # One shard holds every tensor, so restoring only "weights" reads part of it; the header's
+    # damage is still found (from the manifest's CRCs of the tensors not read) and restore falls back.
+    with pe.Checkpointer(tmp_path, keep_last=0, max_shards=1, capture_rng=False) as ck:
+        ck.save(1, make_state(1)).wait()
+        ck.save(2, make_state(2)).wait()
+    file_name, _, _ = damage_shard_header(tmp_path)
+    target = {"weights": torch.zeros(40_000, dtype=torch.float32)}
+    with pe.Checkpointer(tmp_path) as ck:
+        with pytest.warns(CheckpointFallbackWarning, match="checksum mismatch in the header") as record:
+            assert ck.restore(target) == 1
+        assert file_name in str(record[0].message)
+    assert torch.equal(target["weights"], make_state(1)["weights"])
+
+
 def test_reader_does_not_quarantine_a_directory_another_checkpointer_writes(two_checkpoints: Path) -> None:
     damage_tensor_data(two_checkpoints)
     with pe.Checkpointer(two_checkpoints) as writer:

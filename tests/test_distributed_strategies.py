@@ -71,6 +71,12 @@ def test_maybe_save_follows_rank_0_so_ranks_never_split(trained: Path) -> None:
     assert report(trained, "train", 1)["policy_steps"] == [2, 4, 6]
 
 
+def test_each_rank_reuses_its_reserved_staging_memory_for_every_save(trained: Path) -> None:
+    for rank in (0, 1):
+        r = report(trained, "train", rank)["staging"]
+        assert r["reserved"] > 0 and r["held"] == [r["reserved"]] * 3, r
+
+
 def test_a_failed_rank_fails_the_save_on_every_rank(trained: Path) -> None:
     for rank in (0, 1):
         assert "rank 1: OSError" in report(trained, "train", rank)["failed_save"]

@@ -75,7 +75,7 @@ void bind_checkpoint(py::module_& m) {
       .def(
           "save",
           [](AsyncCheckpointWriter& w, uint64_t step, const py::list& sources, std::string state_json,
-             size_t sync_count) {
+             size_t sync_count, std::string directory) {
             std::vector<TensorSource> srcs;
             srcs.reserve(sources.size());
             for (const py::handle& item : sources) {
@@ -87,11 +87,13 @@ void bind_checkpoint(py::module_& m) {
               srcs.push_back(TensorSource{std::move(spec), b.data});
             }
             py::gil_scoped_release release;
-            return w.save(step, std::move(srcs), std::move(state_json), sync_count);
+            return w.save(step, std::move(srcs), std::move(state_json), sync_count, directory);
           },
           py::arg("step"), py::arg("sources"), py::arg("state_json"), py::arg("sync_count"),
+          py::arg("directory") = std::string(),
           "Blocks for an in-flight slot and for copying sources[:sync_count]; the rest is copied in the "
-          "background. Keep every source alive until wait_snapshot(id) returns. Returns the save id.")
+          "background. Keep every source alive until wait_snapshot(id) returns. Commits step-N under "
+          "`directory` (default: the writer's; keep_last prunes only there). Returns the save id.")
       .def(
           "reserve",
           [](AsyncCheckpointWriter& w, const py::list& sources) {
@@ -123,8 +125,16 @@ void bind_checkpoint(py::module_& m) {
       [](const py::list& shards, size_t threads) {
         std::vector<ShardRead> reads;
         for (const py::handle& item : shards) {
-          auto s = item.cast<py::tuple>();  // (path, file_bytes, header_bytes, crc, [(name, off, n, crc, buf)])
-          ShardRead r{s[0].cast<std::string>(), s[1].cast<uint64_t>(), s[2].cast<uint64_t>(), s[3].cast<uint32_t>(), {}};
+          // (path, file_bytes, header_bytes, crc, [(name, off, n, crc, buf)][, [(off, n, crc) of every tensor]])
+          auto s = item.cast<py::tuple>();
+          if (s.size() != 5 && s.size() != 6)
+            throw pe::InvalidArgument("each shard is (path, file_bytes, header_bytes, crc32c, reads[, extents])");
+          ShardRead r{s[0].cast<std::string>(), s[1].cast<uint64_t>(), s[2].cast<uint64_t>(), s[3].cast<uint32_t>(), {}, {}};
+          if (s.size() == 6)
+            for (const py::handle& ei : s[5].cast<py::list>()) {
+              auto e = ei.cast<py::tuple>();
+              r.extents.push_back(TensorExtent{e[0].cast<uint64_t>(), e[1].cast<uint64_t>(), e[2].cast<uint32_t>()});
+            }
           for (const py::handle& ti : s[4].cast<py::list>()) {
             auto t = ti.cast<py::tuple>();
             Bytes b = bytes_of(t[4].cast<py::buffer>(), true);
@@ -138,7 +148,8 @@ void bind_checkpoint(py::module_& m) {
         read_shards(reads, threads);
       },
       py::arg("shards"), py::arg("threads") = 4,
-      "Reads and verifies tensors into destination buffers, shards in parallel. Releases the GIL.");
+      "Reads and verifies tensors into destination buffers, shards in parallel. With each shard's extents "
+      "(every tensor's offset, size and CRC32C), a partial read checks the header too. Releases the GIL.");
   m.def("verify_file", &verify_file, py::call_guard<py::gil_scoped_release>(), py::arg("path"), py::arg("file_bytes"),
         py::arg("file_crc32c"), "Checks a shard's size and whole-file CRC32C. Releases the GIL.");
 }

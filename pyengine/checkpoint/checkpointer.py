@@ -191,20 +191,22 @@ class Checkpointer:
         Call it once the state has its full size: after the first optimizer step, which
         creates Adam's moments. Nothing is written; it blocks while the memory is allocated
         and touched (and, with staging_cap_bytes, until enough is free). One save's worth is
-        reserved, also with max_in_flight > 1. Returns the staging bytes held; 0 in a
-        distributed world, where each save still allocates its own (not yet reused).
+        reserved, also with max_in_flight > 1. In a distributed world each rank reserves what
+        its own part needs (no collective). Returns the staging bytes held.
         """
         self._check_open()
         self._guard.drain()  # encoding refills CUDA mirrors that an overlapped save may still read
         _check_state(state)
         if self._sharded is not None:
-            return 0  # each distributed save builds its own writer (no staging reuse yet)
+            return self._sharded.reserve(state)
         sources, _, _ = self._encode(state, False, None)
         return int(self._ensure_writer().reserve(sources))
 
     @property
     def staging_bytes(self) -> int:
         """Host memory held for snapshots (allocated by the first save or by reserve(), then reused)."""
+        if self._sharded is not None:
+            return self._sharded.staging_bytes
         return int(self._writer.staging_bytes) if self._writer is not None else 0
 
     def _encode(self, state: Mapping[str, Any], overlap: bool, rng: bool | None) -> tuple[list[tuple], int, str]:

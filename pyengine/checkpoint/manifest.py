@@ -148,10 +148,16 @@ def read_tensors(manifest: Manifest, names: Iterable[str] | None = None,
         out[name] = t
         per_shard.setdefault(info.shard, []).append(
             (name, info.offset, info.nbytes, info.crc32c, t.reshape(-1).view(torch.uint8).numpy()))
+    extents: dict[int, list[tuple[int, int, int]]] = {}
+    if names is not None:  # a partial read checks each shard's header against the manifest's CRCs
+        for info in manifest.tensors.values():
+            if info.shard in per_shard:
+                extents.setdefault(info.shard, []).append((info.offset, info.nbytes, info.crc32c))
     requests = []
     for index, reads in sorted(per_shard.items()):
         shard = manifest.shards[index]
-        requests.append((str(manifest.directory / shard.file), shard.bytes, shard.header_bytes, shard.crc32c, reads))
+        requests.append((str(manifest.directory / shard.file), shard.bytes, shard.header_bytes, shard.crc32c, reads,
+                         extents.get(index, [])))
     try:
         _core.read_shards(requests, threads)
     except FileNotFoundError as e:

@@ -25,7 +25,9 @@ world had no rank r; a pe.data.Loader then refuses the different order with Valu
 Commit protocol, on a separate gloo group (pe.distributed.checkpoint_group) so it never
 interleaves with training collectives:
  1. save(): rank 0 broadcasts a fresh temp name DIR/step-N.tmp-dist-<token>; every rank
-    snapshots its tensors into its own C++ writer rooted at <tmp>/rank-R/ and returns.
+    snapshots its tensors with its C++ writer, which commits its part under <tmp>/rank-R/,
+    and returns. Each rank keeps one writer for the Checkpointer's life, so its staging
+    memory is allocated once (or ahead, by reserve()) and reused by every save.
  2. A background thread per rank waits until its part is durable (shards fsynced, part
     manifest written, renamed, directory fsynced), then all ranks all_gather their status
     and piece tables.
@@ -140,7 +142,37 @@ class ShardedSaver:
         self._options = {k: writer_options[k]
                          for k in ("max_shards", "copy_threads", "staging_cap_bytes", "background_nice")}
         self.make_writer = make_writer or _core.AsyncCheckpointWriter
+        self._writer: Any = None  # made by the first save() or reserve(), then reused
         self._last: ShardedSaveHandle | None = None
+
+    def _ensure_writer(self) -> Any:
+        if self._writer is None:
+            # Its own directory is never written: every save names its part's temp root.
+            self._writer = self.make_writer(str(self.directory), max_in_flight=1, keep_last=0, **self._options)
+        return self._writer
+
+    def _plan(self, state: Mapping[str, Any], capture_rng: bool) -> tuple[list[dict], list[tuple], Any, str]:
+        """This rank's pieces, its write sources, the structure rank 0 merges, and its part's JSON."""
+        shared, shared_enc, local_enc, local_objects, owned, owned_enc = _encode(state, capture_rng)
+        pieces, mine = plan_pieces(shared_enc.tensors, self.rank, self.world)
+        for t in owned_enc.tensors:  # a stage's own tensors: nobody else holds them
+            pieces.append(_piece(t.name, t.tensor, None, 0, 0))
+            mine.append(t)
+        sources = [_source(t.name, t.tensor) for t in mine + local_enc.tensors]
+        state_json = json.dumps({"objects": local_objects[0], "rng": local_objects[1]},
+                                allow_nan=False, separators=(",", ":"))
+        return pieces, sources, (shared, owned), state_json
+
+    def reserve(self, state: Mapping[str, Any]) -> int:
+        """Allocates the staging memory this rank's part of a save of `state` needs. Local (no
+        collective): each rank holds only what it writes."""
+        self.wait()  # the writer serves one save at a time
+        _, sources, _, _ = self._plan(state, capture_rng=True)
+        return int(self._ensure_writer().reserve(sources))
+
+    @property
+    def staging_bytes(self) -> int:
+        return int(self._writer.staging_bytes) if self._writer is not None else 0
 
     def save(self, step: int, state: Mapping[str, Any], capture_rng: bool) -> ShardedSaveHandle:
         started = time.perf_counter()
@@ -152,17 +184,9 @@ class ShardedSaver:
         try:
             part_root = tmp / f"rank-{self.rank:05d}"
             part_root.mkdir(parents=True, exist_ok=True)
-            shared, shared_enc, local_enc, local_objects, owned, owned_enc = _encode(state, capture_rng)
-            pieces, mine = plan_pieces(shared_enc.tensors, self.rank, self.world)
-            for t in owned_enc.tensors:  # a stage's own tensors: nobody else holds them
-                pieces.append(_piece(t.name, t.tensor, None, 0, 0))
-                mine.append(t)
-            shared = (shared, owned)
-            sources = [_source(t.name, t.tensor) for t in mine + local_enc.tensors]
-            state_json = json.dumps({"objects": local_objects[0], "rng": local_objects[1]},
-                                    allow_nan=False, separators=(",", ":"))
-            writer = self.make_writer(str(part_root), max_in_flight=1, keep_last=0, **self._options)
-            save_id = writer.save(step, sources, state_json, len(sources))  # copies everything now
+            pieces, sources, shared, state_json = self._plan(state, capture_rng)
+            writer = self._ensure_writer()
+            save_id = writer.save(step, sources, state_json, len(sources), str(part_root))  # copies everything now
             del sources
         except BaseException as e:  # noqa: BLE001 - the other ranks must learn of it in the gather
             writer, save_id, pieces, shared = None, 0, [], None

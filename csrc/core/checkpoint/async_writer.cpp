@@ -86,6 +86,7 @@ std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const 
 struct AsyncCheckpointWriter::Save {
   uint64_t id = 0;
   uint64_t step = 0;
+  std::string directory;  // where step-N is committed
   CheckpointLayout layout;
   std::vector<TensorSource> sources;
   size_t sync_count = 0;
@@ -151,7 +152,7 @@ AsyncCheckpointWriter::~AsyncCheckpointWriter() {
 }
 
 uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> sources, std::string state_json,
-                                     size_t sync_count) {
+                                     size_t sync_count, const std::string& directory) {
   std::vector<TensorSpec> specs;
   specs.reserve(sources.size());
   for (const auto& s : sources) specs.push_back(s.spec);
@@ -169,10 +170,11 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
   }
   try {
     save->step = step;
+    save->directory = directory.empty() ? options_.directory : directory;
     save->started = Clock::now();
     save->stats.step = step;
     save->stats.bytes = layout.total_data_bytes;
-    save->stats.path = join_path(options_.directory, step_dir_name(step));
+    save->stats.path = join_path(save->directory, step_dir_name(step));
     save->sync_count = std::min(sync_count, sources.size());
     save->staging = std::make_unique<StagingLease>(pool_, layout.staging_bytes);
     save->tensor_crcs.assign(sources.size(), 0);
@@ -273,8 +275,8 @@ void AsyncCheckpointWriter::persist(Save& save) {
     remove_tree_quietly(tmp_dir);
     throw;
   }
-  sync_directory(options_.directory);
-  if (options_.keep_last > 0) prune();
+  sync_directory(save.directory);
+  if (options_.keep_last > 0 && save.directory == options_.directory) prune();
 }
 
 void AsyncCheckpointWriter::prune() {

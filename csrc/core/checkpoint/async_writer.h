@@ -66,7 +66,11 @@ class AsyncCheckpointWriter {
   AsyncCheckpointWriter& operator=(const AsyncCheckpointWriter&) = delete;
 
   // Blocks for an in-flight slot and for copying sources[0, sync_count). Returns a save id.
-  uint64_t save(uint64_t step, std::vector<TensorSource> sources, std::string state_json, size_t sync_count);
+  // `directory` (default: the writer's own) is where step-N is committed; a distributed save
+  // commits each rank's part into a new temp tree, and reuses this writer's staging for it.
+  // keep_last prunes only the writer's own directory.
+  uint64_t save(uint64_t step, std::vector<TensorSource> sources, std::string state_json, size_t sync_count,
+                const std::string& directory = std::string());
   // Allocates (and touches) the staging memory a save of these tensors needs, so that the first
   // save() does not pay for it. Returns the staging bytes now held by the pool.
   uint64_t reserve(const std::vector<TensorSpec>& specs);

@@ -2,7 +2,8 @@
 //
 // Nothing is trusted: the file's real size must equal the manifest's, every tensor's
 // offset and length must lie inside the data section before any byte is read, and every
-// tensor's CRC32C (and the whole file's, when all of its tensors are read) must match.
+// tensor's CRC32C must match, and the whole file's: read, or, when only some tensors are read,
+// combined from the header's CRC and the manifest's tensor CRCs.
 // Errors name the file and the tensor.
 #pragma once
 
@@ -20,12 +21,22 @@ struct TensorRead {
   uint8_t* dst = nullptr;
 };
 
+// Where a tensor lies in its shard and its checksum, as the (verified) manifest records them.
+struct TensorExtent {
+  uint64_t offset = 0;
+  uint64_t nbytes = 0;
+  uint32_t crc32c = 0;
+};
+
 struct ShardRead {
   std::string path;
   uint64_t file_bytes = 0;
   uint64_t header_bytes = 0;  // 8-byte length + JSON
   uint32_t file_crc32c = 0;
   std::vector<TensorRead> tensors;
+  // Every tensor of the shard (optional). With it, a read of only some tensors still checks
+  // the header: the file's CRC is the header's combined with the manifest's tensor CRCs.
+  std::vector<TensorExtent> extents;
 };
 
 // Reads every shard, up to `threads` at a time. Throws CheckpointError or IoError.
