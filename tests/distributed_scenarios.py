@@ -137,13 +137,86 @@ def scenario_train(out: Path) -> dict:
     with pe.Checkpointer(out / "ckpt-fsdp") as ckpt:
         assert ckpt.restore({"model": again, "optimizer": again_opt}) == STEPS
     assert max_diff(full_state(again), fsdp_state) == 0.0
+    report["shard_shaped_refused"] = scenario_shard_shaped_model(out, again)
 
     report["trainer"] = scenario_trainer(out)
     report["unfreeze"] = scenario_unfreeze(out)
     report["failed_save"] = scenario_failed_save(out)
     report["policy_steps"] = scenario_policy(out)
     report["staging"] = scenario_staging_reuse(out, fsdp, fsdp_opt)
+    report["overlap"] = scenario_overlap(out)
     return report
+
+
+def local_optimizer_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """This rank's optimizer tensors (a DTensor's local shard), copied, in a fixed order."""
+    out = []
+    for _, s in sorted(opt.state_dict()["state"].items()):
+        for _, v in sorted(s.items()):
+            if isinstance(v, torch.Tensor):
+                out.append((v.to_local() if hasattr(v, "to_local") else v).detach().clone())
+    return out
+
+
+def overlap_model(strategy: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A 1.1M-parameter MLP (13 MB with Adam) wrapped by `strategy`, and Adam over it."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 1024), torch.nn.Tanh(),
+              torch.nn.Linear(1024, 1)]
+    model = pe.distributed.make_strategy(strategy).wrap(torch.nn.Sequential(*layers))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def scenario_overlap(out: Path) -> dict:
+    """save(overlap=True) under DDP and FSDP: the optimizer step right after save() returns must
+    wait for the background copy, so the checkpoint holds the state at save() bit for bit."""
+    report = {}
+    for name in ("ddp", "fsdp"):
+        model, opt = overlap_model(name)
+        torch.manual_seed(1 + pe.distributed.rank())
+        x, y = torch.randn(32, 64), torch.randn(32, 1)
+        for _ in range(2):  # Adam's moments exist, and the next gradients are ready below
+            opt.zero_grad()
+            mse(model, x, y).backward()
+            opt.step()
+        opt.zero_grad()
+        mse(model, x, y).backward()
+        weights, moments = full_state(model), local_optimizer_state(opt)
+        with pe.Checkpointer(out / f"ckpt-overlap-{name}", copy_threads=1) as ckpt:
+            handle = ckpt.save(1, {"model": model, "optimizer": opt}, overlap=True)
+            opt.step()  # changes every parameter and moment at once: the pre-step hook must wait
+            handle.wait()
+        changed = max_diff(full_state(model), weights)
+        assert changed > 0, "the step after the save changed nothing; the test proves nothing"
+        restored, restored_opt = overlap_model(name)
+        with pe.Checkpointer(out / f"ckpt-overlap-{name}") as ckpt:
+            assert ckpt.restore({"model": restored, "optimizer": restored_opt}) == 1
+        report[f"{name}_weights"] = max_diff(full_state(restored), weights)
+        restored_moments = local_optimizer_state(restored_opt)
+        assert [m.shape for m in restored_moments] == [m.shape for m in moments]
+        report[f"{name}_moments"] = max((float((a - b).abs().max()) for a, b in zip(restored_moments, moments)
+                                         if a.numel()), default=0.0)  # an FSDP shard may be empty
+        assert report[f"{name}_weights"] == 0.0 and report[f"{name}_moments"] == 0.0, report
+        report[f"{name}_changed_by_step"] = changed
+    return report
+
+
+def scenario_shard_shaped_model(out: Path, fsdp_model: torch.nn.Module) -> str:
+    """A checkpointed model is global: another model whose tensors happen to have the shapes of
+    this rank's FSDP shards (half the rows of the first layer) must be refused, not loaded as shards."""
+    other = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with pe.Checkpointer(out / "ckpt-shard-shaped") as ckpt:
+        ckpt.save(1, {"model": other}).wait()
+    before = full_state(fsdp_model)
+    with pe.Checkpointer(out / "ckpt-shard-shaped") as ckpt:
+        try:
+            ckpt.restore({"model": fsdp_model})
+        except (RuntimeError, ValueError) as e:
+            message = f"{type(e).__name__}: {e}"
+        else:
+            raise AssertionError("a model shaped like this rank's shards was loaded into FSDP")
+    assert max_diff(full_state(fsdp_model), before) == 0.0, "the refused restore changed the weights"
+    return message[:300]
 
 
 def scenario_staging_reuse(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:

@@ -143,6 +143,27 @@ def test_restore_of_a_missing_key_changes_nothing(tmp_path: Path) -> None:
     assert counter.item() == 7.0
 
 
+def test_restore_into_a_different_model_changes_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    with pe.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"model": saved, "weights": torch.zeros(1)}).wait()
+        # The first layer matches, the second has 3 outputs: torch's load_state_dict alone would
+        # copy the first layer before raising.
+        other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ValueError, match=r"'model/1.weight' has shape \(2, 8\) but the target's is \(3, 8\)"):
+            ckpt.restore({"model": other})
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+        # A (1,) tensor would broadcast silently into a (5,) one; the model listed first is not loaded.
+        same, target = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), torch.ones(5)
+        same_before = {k: v.clone() for k, v in same.state_dict().items()}
+        with pytest.raises(ValueError, match=r"'weights' has shape \(1,\) but the target's is \(5,\)"):
+            ckpt.restore({"model": same, "weights": target})
+        assert torch.equal(target, torch.ones(5))
+        assert all(torch.equal(v, same_before[k]) for k, v in same.state_dict().items())
+
+
 def test_restore_of_a_step_that_does_not_exist(tmp_path: Path) -> None:
     with pe.Checkpointer(tmp_path, capture_rng=False) as ck:
         ck.save(1, make_state(1)).wait()

@@ -71,6 +71,19 @@ def test_maybe_save_follows_rank_0_so_ranks_never_split(trained: Path) -> None:
     assert report(trained, "train", 1)["policy_steps"] == [2, 4, 6]
 
 
+def test_a_model_shaped_like_the_fsdp_shards_is_refused_not_loaded_as_shards(trained: Path) -> None:
+    for rank in (0, 1):
+        assert "0.weight" in report(trained, "train", rank)["shard_shaped_refused"]
+
+
+def test_an_overlapped_distributed_save_holds_the_state_at_save_bit_for_bit(trained: Path) -> None:
+    for rank in (0, 1):
+        r = report(trained, "train", rank)["overlap"]
+        for name in ("ddp", "fsdp"):
+            assert r[f"{name}_weights"] == 0.0 and r[f"{name}_moments"] == 0.0, r
+            assert r[f"{name}_changed_by_step"] > 0, r
+
+
 def test_each_rank_reuses_its_reserved_staging_memory_for_every_save(trained: Path) -> None:
     for rank in (0, 1):
         r = report(trained, "train", rank)["staging"]

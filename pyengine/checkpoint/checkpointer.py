@@ -27,7 +27,7 @@ from pyengine.checkpoint.policies import PolicyFeed, SavePolicy
 from pyengine.checkpoint.rng import capture_rng_state, restore_rng_state
 from pyengine.checkpoint.sharded import ShardedSaver, ShardedStep, read_sharded_manifest
 from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names
-from pyengine.checkpoint.stateful import encode_object, load_object
+from pyengine.checkpoint.stateful import check_loadable, encode_object, load_object
 from pyengine.errors import CheckpointError
 
 _RNG_KEY = "__rng__"
@@ -170,7 +170,10 @@ class Checkpointer:
         step = self._check_step(step)
         _check_state(state)
         if self._sharded is not None:
-            sharded_handle = self._sharded.save(step, state, self.capture_rng if rng is None else rng)
+            self._guard.drain()  # no earlier snapshot may still read the buffers
+            sharded_handle = self._sharded.save(step, state, self.capture_rng if rng is None else rng, overlap)
+            if sharded_handle.overlapped:
+                self._guard.add(sharded_handle.wait_snapshot)
             self._pending.append(sharded_handle)  # type: ignore[arg-type]
             return sharded_handle  # type: ignore[return-value]
         writer = self._ensure_writer()
@@ -309,6 +312,8 @@ class Checkpointer:
         Raises:
             CheckpointError: the requested step fails verification, no checkpoint verifies,
                 or the checkpoint lacks one of `objects`' keys (nothing is changed then).
+            ValueError: a saved tensor's shape differs from its target's (a different model;
+                nothing is changed then).
         """
         if not isinstance(objects, Mapping):
             raise ValueError("objects must be a mapping from the names used at save() to objects")
@@ -320,6 +325,8 @@ class Checkpointer:
         if found is None:
             return None
         loaded_step, values, rng_state = found
+        for key, obj in objects.items():  # every entry is checked before the first is loaded
+            check_loadable(key, obj, values[key])
         for key, obj in objects.items():
             load_object(key, obj, values[key])
         if rng and rng_state is not None:

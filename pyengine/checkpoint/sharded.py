@@ -41,7 +41,10 @@ Contract for callers: every rank constructs its Checkpointer (that creates the c
 groups, a collective) and calls save() / maybe_save() for the same steps. An error in one
 rank's save() (bad state, full disk) is reported by wait() (or the next save()) on every
 rank, never raised at once on one rank only, which would leave the others waiting.
-maybe_save() follows rank 0's policy decision. The copy is synchronous (overlap=False).
+maybe_save() follows rank 0's policy decision. save(overlap=True) works as in one process:
+parameters and optimizer state (a DTensor's local shard) are copied during the next forward
+and backward, and the next optimizer step waits for that copy; buffers and per-rank entries
+are copied before save() returns.
 
 The single-process path (pe.Checkpointer without a distributed world) never comes here.
 Restore reads the pieces of each tensor it needs and reassembles the global tensor, so a
@@ -71,7 +74,7 @@ from pyengine.checkpoint.dtypes import CODE_TO_TORCH, code_of_torch
 from pyengine.checkpoint.manifest import MANIFEST, Manifest, read_manifest, read_tensors
 from pyengine.checkpoint.rng import capture_rng_state
 from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder
-from pyengine.checkpoint.stateful import encode_object, unwrap_module
+from pyengine.checkpoint.stateful import encode_object, parameter_ptrs, unwrap_module
 from pyengine.errors import CheckpointError
 
 FORMAT = "pyengine.sharded-checkpoint"
@@ -99,9 +102,20 @@ class ShardedSaveHandle:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._reported = False
+        self._writer: Any = None  # set, with the save id and the sources, while a copy is overlapped
+        self._save_id = 0
+        self._sources: list | None = None  # keeps source buffers alive while the overlapped copy reads them
+
+    @property
+    def overlapped(self) -> bool:
+        """Some tensors are still being copied: the saved objects must not change yet."""
+        return self._sources is not None
 
     def wait_snapshot(self) -> None:
-        """The snapshot is taken before save() returns."""
+        """Blocks until every byte is staged; the saved objects may change after this."""
+        if self._sources is not None:
+            self._writer.wait_snapshot(self._save_id)
+            self._sources = None
 
     def wait(self) -> None:
         """Blocks until rank 0 committed (or every rank learned that the save failed)."""
@@ -151,30 +165,32 @@ class ShardedSaver:
             self._writer = self.make_writer(str(self.directory), max_in_flight=1, keep_last=0, **self._options)
         return self._writer
 
-    def _plan(self, state: Mapping[str, Any], capture_rng: bool) -> tuple[list[dict], list[tuple], Any, str]:
-        """This rank's pieces, its write sources, the structure rank 0 merges, and its part's JSON."""
+    def _plan(self, state: Mapping[str, Any], capture_rng: bool
+              ) -> tuple[list[dict], list[NamedTensor], Any, str]:
+        """This rank's pieces, the tensors it writes, the structure rank 0 merges, and its part's JSON."""
         shared, shared_enc, local_enc, local_objects, owned, owned_enc = _encode(state, capture_rng)
         pieces, mine = plan_pieces(shared_enc.tensors, self.rank, self.world)
         for t in owned_enc.tensors:  # a stage's own tensors: nobody else holds them
             pieces.append(_piece(t.name, t.tensor, None, 0, 0))
             mine.append(t)
-        sources = [_source(t.name, t.tensor) for t in mine + local_enc.tensors]
         state_json = json.dumps({"objects": local_objects[0], "rng": local_objects[1]},
                                 allow_nan=False, separators=(",", ":"))
-        return pieces, sources, (shared, owned), state_json
+        return pieces, mine + local_enc.tensors, (shared, owned), state_json
 
     def reserve(self, state: Mapping[str, Any]) -> int:
         """Allocates the staging memory this rank's part of a save of `state` needs. Local (no
         collective): each rank holds only what it writes."""
         self.wait()  # the writer serves one save at a time
-        _, sources, _, _ = self._plan(state, capture_rng=True)
+        _, tensors, _, _ = self._plan(state, capture_rng=True)
+        sources, _ = _sources(tensors, overlap=False)
         return int(self._ensure_writer().reserve(sources))
 
     @property
     def staging_bytes(self) -> int:
         return int(self._writer.staging_bytes) if self._writer is not None else 0
 
-    def save(self, step: int, state: Mapping[str, Any], capture_rng: bool) -> ShardedSaveHandle:
+    def save(self, step: int, state: Mapping[str, Any], capture_rng: bool,
+             overlap: bool = False) -> ShardedSaveHandle:
         started = time.perf_counter()
         self.wait()
         token = [uuid.uuid4().hex[:12] if self.rank == 0 else None]
@@ -184,9 +200,13 @@ class ShardedSaver:
         try:
             part_root = tmp / f"rank-{self.rank:05d}"
             part_root.mkdir(parents=True, exist_ok=True)
-            pieces, sources, shared, state_json = self._plan(state, capture_rng)
+            pieces, tensors, shared, state_json = self._plan(state, capture_rng)
+            sources, sync_count = _sources(tensors, overlap)
             writer = self._ensure_writer()
-            save_id = writer.save(step, sources, state_json, len(sources), str(part_root))  # copies everything now
+            # Copies sources[:sync_count] now; with overlap the rest during the next forward/backward.
+            save_id = writer.save(step, sources, state_json, sync_count, str(part_root))
+            if sync_count < len(sources):
+                handle._writer, handle._save_id, handle._sources = writer, save_id, sources
             del sources
         except BaseException as e:  # noqa: BLE001 - the other ranks must learn of it in the gather
             writer, save_id, pieces, shared = None, 0, [], None
@@ -221,6 +241,8 @@ class ShardedSaver:
                     writer.wait(save_id)
                 except Exception as e:  # noqa: BLE001 - gathered below
                     error = f"{type(e).__name__}: {e}"
+                finally:
+                    handle._sources = None  # staged (or failed): the buffers may be released
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, (error, pieces, shared), group=self.group)
             failures = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
@@ -304,13 +326,14 @@ def _encode(state: Mapping[str, Any],
         if key in stages:
             kind, partition, _ = stages[key]
             if kind == partitioned.MODULE:
-                sd = unwrap_module(obj).state_dict()
+                module = unwrap_module(obj)
+                owned[key] = (kind, owned_enc.encode(module.state_dict(), (key,), parameter_ptrs(module)))
             else:
                 sd = partitioned.globalize_optimizer(obj.state_dict(), obj, partition)
-            owned[key] = (kind, owned_enc.encode(sd, (key,), all_stable=True))
+                owned[key] = (kind, owned_enc.encode(sd, (key,), all_stable=True))
         elif isinstance(obj, torch.nn.Module):
-            # all_stable skips data_ptr(), which DTensors do not have; the copy is synchronous anyway
-            shared[key] = shared_enc.encode(unwrap_module(obj).state_dict(), (key,), all_stable=True)
+            module = unwrap_module(obj)  # parameters are stable until the optimizer step, buffers are not
+            shared[key] = shared_enc.encode(module.state_dict(), (key,), parameter_ptrs(module))
         elif isinstance(obj, torch.optim.Optimizer):
             shared[key] = shared_enc.encode(obj.state_dict(), (key,), all_stable=True)
         else:
@@ -332,19 +355,20 @@ def plan_pieces(tensors: list[NamedTensor], rank: int, world: int) -> tuple[list
         t = item.tensor
         shard = _shard_of(item.name, t)
         if shard is None:
-            replicated.append((item.name, t.to_local() if _is_dtensor(t) else t))  # type: ignore[attr-defined]
+            replicated.append(NamedTensor(item.name, t.to_local() if _is_dtensor(t) else t,  # type: ignore[attr-defined]
+                                          item.stable))
             continue
         dim, offset, local = shard
         if local.numel() > 0:
             pieces.append(_piece(item.name, t, dim, offset, local.shape[dim]))
-            mine.append(NamedTensor(item.name, local))
+            mine.append(NamedTensor(item.name, local, item.stable))
     load = [0] * world
-    for name, t in sorted(replicated, key=lambda nt: (-nt[1].numel() * nt[1].element_size(), nt[0])):
+    for item in sorted(replicated, key=lambda nt: (-nt.tensor.numel() * nt.tensor.element_size(), nt.name)):
         owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += t.numel() * t.element_size()
+        load[owner] += item.tensor.numel() * item.tensor.element_size()
         if owner == rank:
-            pieces.append(_piece(name, t, None, 0, 0))
-            mine.append(NamedTensor(name, t))
+            pieces.append(_piece(item.name, item.tensor, None, 0, 0))
+            mine.append(item)
     return pieces, mine
 
 
@@ -374,14 +398,26 @@ def _piece(name: str, t: torch.Tensor, dim: int | None, offset: int, length: int
             "dim": dim, "offset": offset, "length": length}
 
 
-def _source(name: str, t: torch.Tensor) -> tuple:
+def _sources(tensors: list[NamedTensor], overlap: bool) -> tuple[list[tuple], int]:
+    """The writer's sources, those to copy now first; returns them and how many to copy now.
+    With overlap, stable tensors (and private copies) are copied later, in the background."""
+    now, later = [], []
+    for item in tensors:
+        source, private = _source(item.name, item.tensor)
+        (later if overlap and (item.stable or private) else now).append(source)
+    return now + later, len(now)
+
+
+def _source(name: str, t: torch.Tensor) -> tuple[tuple, bool]:
+    """(name, dtype, shape, bytes) of a tensor, and whether those bytes are a private copy."""
     if _is_dtensor(t):  # in a per-rank entry (e.g. early stopping's best weights): this rank's shard
         t = t.to_local()  # type: ignore[attr-defined]
     t = t.detach()
+    private = t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.resolve_conj().resolve_neg().contiguous()
-    return (name, code_of_torch(t.dtype, name), list(t.shape), t.reshape(-1).view(torch.uint8).numpy())
+    return (name, code_of_torch(t.dtype, name), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()), private
 
 
 def check_tiling(name: str, entry: dict) -> None:

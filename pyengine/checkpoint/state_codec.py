@@ -35,6 +35,13 @@ class NamedTensor:
     stable: bool = False
 
 
+def storage_ptr(t: torch.Tensor) -> int:
+    """Where a tensor's bytes live: its local shard's for a DTensor (which has no data_ptr)."""
+    if hasattr(t, "placements") and hasattr(t, "to_local"):
+        t = t.to_local()  # type: ignore[attr-defined]
+    return t.data_ptr()
+
+
 class StateEncoder:
     """Encodes one checkpoint's state; collects its tensors in `tensors`."""
 
@@ -46,7 +53,7 @@ class StateEncoder:
     def encode(self, value: Any, path: tuple[str, ...], stable_ptrs: frozenset[int] = frozenset(),
                all_stable: bool = False) -> Any:
         if isinstance(value, torch.Tensor):
-            stable = all_stable or (value.data_ptr() in stable_ptrs and value.numel() > 0)
+            stable = all_stable or (value.numel() > 0 and storage_ptr(value) in stable_ptrs)
             return {"__tensor__": self._add(path, value.detach(), stable)}
         if isinstance(value, np.ndarray):
             return {"__ndarray__": self._add(path, _tensor_of_ndarray(value, path), stable=False)}

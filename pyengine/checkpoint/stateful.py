@@ -8,14 +8,14 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, MutableSequence
+from collections.abc import Mapping, MutableMapping, MutableSequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from pyengine.checkpoint.dtensors import module_state_like, optimizer_state_like
-from pyengine.checkpoint.state_codec import StateEncoder
+from pyengine.checkpoint.state_codec import StateEncoder, storage_ptr
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -30,17 +30,46 @@ def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
             return module
 
 
+def parameter_ptrs(module: torch.nn.Module) -> frozenset[int]:
+    """Where the parameters' bytes live: those tensors change only in an optimizer step, so an
+    overlapped save may copy them during the next forward and backward (buffers may not)."""
+    return frozenset(storage_ptr(p) for p in module.parameters())
+
+
 def encode_object(encoder: StateEncoder, key: str, obj: Any) -> Any:
     """Encodes one top-level entry. Parameters and optimizer state are marked stable."""
     if isinstance(obj, torch.nn.Module):
         module = unwrap_module(obj)
-        params = frozenset(p.data_ptr() for p in module.parameters())
-        return encoder.encode(module.state_dict(), (key,), stable_ptrs=params)
+        return encoder.encode(module.state_dict(), (key,), stable_ptrs=parameter_ptrs(module))
     if isinstance(obj, torch.optim.Optimizer):
         return encoder.encode(obj.state_dict(), (key,), all_stable=True)
     if _has_state_dict(obj):
         return encoder.encode(obj.state_dict(), (key,))
     return encoder.encode(obj, (key,))
+
+
+def check_loadable(key: str, obj: Any, value: Any) -> None:
+    """Refuses, before anything is loaded, a saved value whose tensors do not have the target's
+    shapes: load_state_dict would copy the matching tensors before raising (leaving the model
+    half restored), and copy_() into a tensor would broadcast a wrong shape silently.
+
+    Raises:
+        ValueError: naming the entry, both shapes, and that nothing was loaded.
+    """
+    if isinstance(obj, torch.nn.Module) and isinstance(value, Mapping):
+        current = unwrap_module(obj).state_dict()
+        pairs = [(f"{key}/{name}", v, current.get(name)) for name, v in value.items()]
+    elif isinstance(obj, (torch.Tensor, np.ndarray)):
+        pairs = [(key, value, obj)]
+    else:
+        return
+    for name, saved, target in pairs:
+        if (isinstance(saved, (torch.Tensor, np.ndarray)) and isinstance(target, (torch.Tensor, np.ndarray))
+                and not isinstance(target, torch.nn.parameter.UninitializedTensorMixin)
+                and tuple(saved.shape) != tuple(target.shape)):
+            raise ValueError(f"the checkpoint's {name!r} has shape {tuple(saved.shape)} but the target's is "
+                             f"{tuple(target.shape)}: it was saved from a different model or array; nothing "
+                             "was loaded")
 
 
 def load_object(key: str, obj: Any, value: Any) -> None:

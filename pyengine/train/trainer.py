@@ -184,7 +184,7 @@ class Trainer:
             self.log.close()
         if self.early_stopping is not None and self.early_stopping.restore_best and self.early_stopping.best_weights:
             # After a resume under FSDP / tensor parallelism the best weights are this rank's shards.
-            self.model.load_state_dict(module_state_like(self.model, self.early_stopping.best_weights))
+            self.model.load_state_dict(module_state_like(self.model, self.early_stopping.best_weights, per_rank=True))
         for cb in self.callbacks:
             cb.on_fit_end(self, self.history)
         return self.history
