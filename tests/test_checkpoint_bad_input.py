@@ -94,6 +94,22 @@ def test_numpy_array_of_objects_is_refused(ck: pe.Checkpointer) -> None:
     assert ck.steps() == []
 
 
+def test_a_writer_that_waited_for_the_lock_still_sees_steps_committed_meanwhile(tmp_path: Path) -> None:
+    # save() skips listing the directory only while it holds the lock; one that was refused the
+    # lock must not trust the steps it knew when another writer has committed newer ones since.
+    first = pe.Checkpointer(tmp_path, capture_rng=False)
+    second = pe.Checkpointer(tmp_path, capture_rng=False)
+    with pytest.raises(pe.CheckpointError, match="another Checkpointer"):
+        second.save(1, make_state(1))
+    first.save(10, make_state(10)).wait()
+    first.close()
+    with pytest.raises(pe.CheckpointError, match="already holds step 10"):
+        second.save(2, make_state(2))
+    second.save(11, make_state(11)).wait()
+    second.close()
+    assert pe.Checkpointer(tmp_path).steps() == [10, 11]
+
+
 def test_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path: Path) -> None:
     first = pe.Checkpointer(tmp_path, capture_rng=False)
     first.save(1, make_state(1)).wait()

@@ -147,6 +147,7 @@ class Checkpointer:
         self._guard = OverlapGuard()
         self._mirror: PinnedMirror | None = None
         self._pending: list[SaveHandle] = []
+        self._newest_step: int | None = None  # no save may take a step <= this one (see _check_step)
         self._closed = False
         _open_checkpointers.add(self)
 
@@ -284,12 +285,19 @@ class Checkpointer:
         if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         # Committed steps and saves still in flight bound the next step; a save that failed does not.
+        # Listing the directory costs a quarter of a small save's stall, so it is done only when
+        # the step is not above every step known here (nobody else commits while we hold the lock;
+        # a quarantined, failed or deleted step only lowers the bound, and then we list again).
+        if self._lock.held and self._newest_step is not None and step > self._newest_step:
+            self._newest_step = int(step)
+            return int(step)
         newest = max(self.steps() + [h.step for h in self._pending], default=None)
         if newest is not None and step <= newest:
             raise CheckpointError(
                 f"cannot save step {step}: {self.directory} already holds step {newest}, and saving "
                 "an older step would mix two training histories; nothing was written. Restore the newest "
                 "checkpoint, or save into a new directory.")
+        self._newest_step = int(step)
         return int(step)
 
     # ---------------------------------------------------------------------------- loading
