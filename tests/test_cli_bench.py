@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from pyengine.benchmarks.frequency import BUDGET, FrequencyConfig
 from pyengine.benchmarks.suite import find_bench_dir, script_part
-from pyengine.benchmarks.tradeoff import analyse, table
+from pyengine.benchmarks.tradeoff import analyse, mean_ci95, table
 from pyengine.checkpoint import daly_interval
 from pyengine.cli import main
 
@@ -150,3 +151,12 @@ def test_tradeoff_analysis_from_known_measurements() -> None:
     assert pe["daly_steps"] == pytest.approx(daly_interval(0.002, 60.0) / 0.010)
     text = table(results)
     assert "20*" in text and "Young/Daly for pe" in text and "A/A" in text
+    one_round_ci = by_k[10]["overhead_ci95"]
+    assert by_k[10]["overhead_round_mean"] == pytest.approx(0.02) and one_round_ci != one_round_ci  # nan
+
+
+def test_the_confidence_interval_of_the_round_mean() -> None:
+    mean, half = mean_ci95([0.01, 0.03, 0.02, 0.04])  # mean 2.5%, sd 1.29%, t(3) = 3.182
+    assert mean == pytest.approx(0.025)
+    assert half == pytest.approx(3.182 * statistics.stdev([0.01, 0.03, 0.02, 0.04]) / 2)
+    assert mean_ci95([0.02] * 50) == (pytest.approx(0.02), 0.0)

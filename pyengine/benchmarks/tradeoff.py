@@ -21,7 +21,25 @@ from pyengine.benchmarks.savers import CONTROL
 from pyengine.checkpoint.policies import daly_interval, young_interval
 
 CSV_FIELDS = ["model", "method", "interval", "steps_measured", "saves", "overhead_pct", "overhead_pct_min_round",
-              "overhead_pct_max_round", "stall_ms", "persist_ms", "lost_per_failure_s", "expected_waste_pct"]
+              "overhead_pct_max_round", "overhead_pct_round_mean", "overhead_pct_ci95", "stall_ms", "persist_ms",
+              "lost_per_failure_s", "expected_waste_pct"]
+
+# Student's t, two-sided 95%, by degrees of freedom (1..30); 1.96 beyond.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% confidence interval (t distribution; nan for one value).
+
+    Rounds are the independent samples: within a round, cycles share the machine's state.
+    """
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
+    return mean, t * statistics.stdev(values) / len(values) ** 0.5
 
 
 def analyse(results: dict[str, Any]) -> dict[str, Any]:
@@ -51,9 +69,11 @@ def _row(run: dict[str, Any], step: float, cfg: dict[str, Any]) -> dict[str, Any
     persist = statistics.median(persists) if persists else 0.0
     interval = rounds[-1].get("interval") if run["interval"] == BUDGET else run["interval"]
     overhead = _ratio(sum(s["seconds"] for s in rounds), sum(s["baseline_seconds"] for s in rounds))
+    round_mean, ci95 = mean_ci95(per_round)
     row = {"method": run["method"], "interval": run["interval"], "chosen_interval": interval,
            "steps": sum(s["steps"] for s in rounds), "saves": sum(s["saves"] for s in rounds),
            "overhead": overhead, "overhead_min": min(per_round), "overhead_max": max(per_round),
+           "overhead_round_mean": round_mean, "overhead_ci95": ci95,
            "stall_s": statistics.median(stalls) if stalls else 0.0, "persist_s": persist}
     if interval and run["method"] != CONTROL:
         lost = interval * step / 2 + persist + cfg["restart_seconds"]
@@ -92,15 +112,17 @@ def table(results: dict[str, Any]) -> str:
                    f"{m['baseline_step_seconds'] * 1e3:.1f} ms a step without checkpoints; "
                    f"{cfg.get('torch_threads', 1)} torch thread(s); assumed MTBF {cfg['mtbf_seconds']:g} s, "
                    f"restart {cfg['restart_seconds']:g} s; {cfg['repeats']} round(s)")
-        out.append(f"  {'method':<32}{'every':>6}{'overhead % [round min, max]':>32}{'stall ms':>10}"
-                   f"{'persist ms':>12}{'lost/fail s':>13}{'exp. waste %':>14}")
+        out.append(f"  {'method':<32}{'every':>6}{'overhead % [round min, max]':>32}{'round mean ± 95% CI':>22}"
+                   f"{'stall ms':>10}{'persist ms':>12}{'lost/fail s':>13}{'exp. waste %':>14}")
         for r in m["rows"]:
             every = f"{r['chosen_interval']}*" if r["interval"] == BUDGET else str(r["interval"])
             every = "A/A" if r["method"] == CONTROL else every
             spread = f"{r['overhead'] * 100:7.2f} [{r['overhead_min'] * 100:6.2f}, {r['overhead_max'] * 100:6.2f}]"
             waste = f"{r['expected_waste'] * 100:14.2f}" if "expected_waste" in r else f"{'-':>14}"
             lost = f"{r['lost_per_failure_s']:13.2f}" if "lost_per_failure_s" in r else f"{'-':>13}"
-            out.append(f"  {r['method']:<32}{every:>6}{spread:>32}{r['stall_s'] * 1e3:10.1f}"
+            ci = (f"{r['overhead_round_mean'] * 100:7.2f} ± {r['overhead_ci95'] * 100:.2f}"
+                  if r["overhead_ci95"] == r["overhead_ci95"] else "-")  # nan with one round
+            out.append(f"  {r['method']:<32}{every:>6}{spread:>32}{ci:>22}{r['stall_s'] * 1e3:10.1f}"
                        f"{r['persist_s'] * 1e3:12.1f}{lost}{waste}")
         for method, o in m["methods"].items():
             out.append(f"  Young/Daly for {method:<15} cost per save {o['cost_s'] * 1e3:7.1f} ms -> every "
@@ -126,6 +148,8 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
                     "overhead_pct": round(r["overhead"] * 100, 3),
                     "overhead_pct_min_round": round(r["overhead_min"] * 100, 3),
                     "overhead_pct_max_round": round(r["overhead_max"] * 100, 3),
+                    "overhead_pct_round_mean": round(r["overhead_round_mean"] * 100, 3),
+                    "overhead_pct_ci95": round(r["overhead_ci95"] * 100, 3),
                     "stall_ms": round(r["stall_s"] * 1e3, 3), "persist_ms": round(r["persist_s"] * 1e3, 3),
                     "lost_per_failure_s": round(r.get("lost_per_failure_s", float("nan")), 4),
                     "expected_waste_pct": round(r.get("expected_waste", float("nan")) * 100, 3),
