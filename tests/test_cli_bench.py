@@ -89,8 +89,17 @@ def test_plots_are_skipped_with_a_message_without_matplotlib(tmp_path, capsys, m
     assert (out / "frequency.csv").exists() and not list(out.glob("*.png"))
 
 
+def test_no_budget_leaves_out_the_overhead_budget_run(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run_tiny_study(out, "--methods", "pe", "--no-budget") == 0
+    assert "OverheadBudget" not in capsys.readouterr().out
+    runs = json.loads((out / "frequency.json").read_text())["models"]["3M"]["runs"]
+    assert {r["method"] for r in runs} == {"pe"}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["nonsense"], "unknown part"),
+    (["--budget", "0.02", "--no-budget"], "not both"),
     (["--intervals", "0"], "intervals must be integers >= 1"),
     (["--repeats", "0"], "repeats must be an integer >= 1"),
     (["--budget", "5"], "budget must be a fraction"),

@@ -32,6 +32,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     f.add_argument("--repeats", type=int, default=None, help="rounds of every configuration")
     f.add_argument("--block-seconds", type=float, default=None, help="length of one measured block")
     f.add_argument("--budget", type=float, default=None, help="OverheadBudget fraction to run (default 0.01)")
+    f.add_argument("--no-budget", action="store_true", help="do not run OverheadBudget (a large model's blocks "
+                                                             "are long, and the budget run lasts three of them)")
     f.add_argument("--mtbf", type=float, default=None, help="assumed MTBF in seconds, for expected waste")
     f.add_argument("--restart", type=float, default=None, help="assumed restart time in seconds")
     f.add_argument("--torch-threads", type=int, default=None, help="threads of the training step (default 1)")
@@ -46,6 +48,10 @@ def frequency_config(args: argparse.Namespace) -> FrequencyConfig:
         ("repeats", args.repeats), ("block_seconds", args.block_seconds), ("budget", args.budget),
         ("mtbf_seconds", args.mtbf), ("restart_seconds", args.restart),
         ("torch_threads", args.torch_threads)) if value is not None}
+    if args.no_budget:
+        if args.budget is not None:
+            raise ValueError("give --budget or --no-budget, not both")
+        overrides["budget"] = None
     return dataclasses.replace(base, **overrides)
 
 
