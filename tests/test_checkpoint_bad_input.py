@@ -180,6 +180,27 @@ def test_restore_into_a_different_model_changes_nothing(tmp_path: Path) -> None:
         assert all(torch.equal(v, same_before[k]) for k, v in same.state_dict().items())
 
 
+class Scalar(torch.nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.full(shape, 3.0))
+
+
+def test_the_shape_check_leaves_loads_that_torch_accepts_alone(tmp_path: Path) -> None:
+    # A per-channel observer's min/max start empty and take their size from the checkpoint
+    # (its own _load_from_state_dict resizes them, as quantization-aware training needs on resume);
+    # torch fills a 0-d parameter from a (1,) tensor.
+    observer = torch.ao.quantization.PerChannelMinMaxObserver(ch_axis=0)
+    observer(torch.randn(3, 4))
+    with pe.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"observer": observer, "scalar": Scalar((1,))}).wait()
+        fresh, scalar = torch.ao.quantization.PerChannelMinMaxObserver(ch_axis=0), Scalar(())
+        assert fresh.min_val.shape == (0,)
+        assert ckpt.restore({"observer": fresh, "scalar": scalar}) == 1
+    assert torch.equal(fresh.min_val, observer.min_val) and torch.equal(fresh.max_val, observer.max_val)
+    assert scalar.scale.shape == () and scalar.scale.item() == 3.0
+
+
 def test_restore_of_a_step_that_does_not_exist(tmp_path: Path) -> None:
     with pe.Checkpointer(tmp_path, capture_rng=False) as ck:
         ck.save(1, make_state(1)).wait()

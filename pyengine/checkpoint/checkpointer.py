@@ -297,7 +297,8 @@ class Checkpointer:
                 f"cannot save step {step}: {self.directory} already holds step {newest}, and saving "
                 "an older step would mix two training histories; nothing was written. Restore the newest "
                 "checkpoint, or save into a new directory.")
-        self._newest_step = int(step)
+        if self._lock.held:  # a listing taken without the lock may be outdated by the time we get it
+            self._newest_step = int(step)
         return int(step)
 
     # ---------------------------------------------------------------------------- loading

@@ -44,7 +44,8 @@ rank, never raised at once on one rank only, which would leave the others waitin
 maybe_save() follows rank 0's policy decision. save(overlap=True) works as in one process:
 parameters and optimizer state (a DTensor's local shard) are copied during the next forward
 and backward, and the next optimizer step waits for that copy; buffers and per-rank entries
-are copied before save() returns.
+are copied before save() returns. CUDA tensors are copied to the host before save() returns
+(synchronously, unlike the single-process path's pinned mirror on a side stream).
 
 The single-process path (pe.Checkpointer without a distributed world) never comes here.
 Restore reads the pieces of each tensor it needs and reassembles the global tensor, so a
@@ -179,11 +180,11 @@ class ShardedSaver:
 
     def reserve(self, state: Mapping[str, Any]) -> int:
         """Allocates the staging memory this rank's part of a save of `state` needs. Local (no
-        collective): each rank holds only what it writes."""
+        collective): each rank holds only what it writes. Nothing is copied."""
         self.wait()  # the writer serves one save at a time
         _, tensors, _, _ = self._plan(state, capture_rng=True)
-        sources, _ = _sources(tensors, overlap=False)
-        return int(self._ensure_writer().reserve(sources))
+        sizes = [_source(t.name, t.tensor, copy=False)[0] for t in tensors]
+        return int(self._ensure_writer().reserve(sizes))
 
     @property
     def staging_bytes(self) -> int:
@@ -197,22 +198,26 @@ class ShardedSaver:
         dist.broadcast_object_list(token, src=0, group=self.group)
         tmp = self.directory / f"{ckdir.step_dir(self.directory, step).name}.tmp-dist-{token[0]}"
         handle = ShardedSaveHandle(step, 0.0, ckdir.step_dir(self.directory, step))
+        writer, save_id, sources = None, 0, None
         try:
             part_root = tmp / f"rank-{self.rank:05d}"
             part_root.mkdir(parents=True, exist_ok=True)
             pieces, tensors, shared, state_json = self._plan(state, capture_rng)
             sources, sync_count = _sources(tensors, overlap)
-            writer = self._ensure_writer()
             # Copies sources[:sync_count] now; with overlap the rest during the next forward/backward.
-            save_id = writer.save(step, sources, state_json, sync_count, str(part_root))
+            save_id = self._ensure_writer().save(step, sources, state_json, sync_count, str(part_root))
+            writer = self._writer
             if sync_count < len(sources):
                 handle._writer, handle._save_id, handle._sources = writer, save_id, sources
-            del sources
         except BaseException as e:  # noqa: BLE001 - the other ranks must learn of it in the gather
-            writer, save_id, pieces, shared = None, 0, [], None
+            if save_id:  # the C++ copy started (e.g. KeyboardInterrupt just after): it may still read
+                writer = self._writer
+                handle._writer, handle._save_id, handle._sources = writer, save_id, sources
+            pieces, shared = [], None
             failure: BaseException | None = e
         else:
             failure = None
+        del sources
         handle.stall_seconds = time.perf_counter() - started
         handle._thread = threading.Thread(
             target=self._commit, name=f"pyengine-ckpt-commit-{step}", daemon=True,
@@ -408,14 +413,19 @@ def _sources(tensors: list[NamedTensor], overlap: bool) -> tuple[list[tuple], in
     return now + later, len(now)
 
 
-def _source(name: str, t: torch.Tensor) -> tuple[tuple, bool]:
-    """(name, dtype, shape, bytes) of a tensor, and whether those bytes are a private copy."""
+def _source(name: str, t: torch.Tensor, copy: bool = True) -> tuple[tuple, bool]:
+    """(name, dtype, shape, bytes) of a tensor, and whether those bytes are a private copy.
+
+    A device tensor is copied to the host here, synchronously: the distributed path has no
+    pinned mirror on a side stream yet, so with overlap only the host-side copy is deferred.
+    copy=False (sizing only): a device tensor gets an untouched host buffer of its size instead.
+    """
     if _is_dtensor(t):  # in a per-rank entry (e.g. early stopping's best weights): this rank's shard
         t = t.to_local()  # type: ignore[attr-defined]
     t = t.detach()
     private = t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg()
     if t.device.type != "cpu":
-        t = t.cpu()
+        t = t.cpu() if copy else torch.empty(t.shape, dtype=t.dtype)
     t = t.resolve_conj().resolve_neg().contiguous()
     return (name, code_of_torch(t.dtype, name), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()), private
 

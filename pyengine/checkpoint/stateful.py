@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, MutableSequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,23 +53,54 @@ def check_loadable(key: str, obj: Any, value: Any) -> None:
     shapes: load_state_dict would copy the matching tensors before raising (leaving the model
     half restored), and copy_() into a tensor would broadcast a wrong shape silently.
 
+    Only what stock loading would refuse is checked: a module that loads its own way (a custom
+    _load_from_state_dict, as quantization observers that resize, or load pre-hooks, or extra
+    state) is left to its own load_state_dict.
+
     Raises:
         ValueError: naming the entry, both shapes, and that nothing was loaded.
     """
     if isinstance(obj, torch.nn.Module) and isinstance(value, Mapping):
-        current = unwrap_module(obj).state_dict()
-        pairs = [(f"{key}/{name}", v, current.get(name)) for name, v in value.items()]
+        module = unwrap_module(obj)
+        current = module.state_dict()
+        checked = _stock_loaded(module)
+        pairs = [(f"{key}/{name}", v, current.get(name)) for name, v in value.items() if checked(name)]
     elif isinstance(obj, (torch.Tensor, np.ndarray)):
         pairs = [(key, value, obj)]
     else:
         return
     for name, saved, target in pairs:
-        if (isinstance(saved, (torch.Tensor, np.ndarray)) and isinstance(target, (torch.Tensor, np.ndarray))
-                and not isinstance(target, torch.nn.parameter.UninitializedTensorMixin)
-                and tuple(saved.shape) != tuple(target.shape)):
-            raise ValueError(f"the checkpoint's {name!r} has shape {tuple(saved.shape)} but the target's is "
-                             f"{tuple(target.shape)}: it was saved from a different model or array; nothing "
-                             "was loaded")
+        if not isinstance(saved, (torch.Tensor, np.ndarray)) or not isinstance(target, (torch.Tensor, np.ndarray)):
+            continue
+        if isinstance(target, torch.nn.parameter.UninitializedTensorMixin):
+            continue
+        shape, want = tuple(saved.shape), tuple(target.shape)
+        if shape != want and not (want == () and shape == (1,) and isinstance(obj, torch.nn.Module)):
+            raise ValueError(f"the checkpoint's {name!r} has shape {shape} but the target's is {want}: it was "
+                             "saved from a different model or array; nothing was loaded")
+
+
+def _stock_loaded(module: torch.nn.Module) -> Callable[[str], bool]:
+    """Whether a state_dict key is loaded by torch's own rules (a size mismatch is an error, and a
+    (1,) tensor fills a 0-d parameter), with no hook or override that could reshape it."""
+    if type(module).load_state_dict is not torch.nn.Module.load_state_dict:
+        return lambda name: False
+    stock = torch.nn.Module._load_from_state_dict
+    modules = dict(module.named_modules())
+
+    def checked(name: str) -> bool:
+        prefix, _, leaf = name.rpartition(".")
+        owner = modules.get(prefix)
+        if leaf == "_extra_state" or owner is None or type(owner)._load_from_state_dict is not stock:
+            return False
+        parts = prefix.split(".") if prefix else []
+        for depth in range(len(parts) + 1):  # a pre-hook on the module or an ancestor may rewrite the entry
+            m = modules.get(".".join(parts[:depth]))
+            if m is None or m._load_state_dict_pre_hooks:
+                return False
+        return True
+
+    return checked
 
 
 def load_object(key: str, obj: Any, value: Any) -> None:
