@@ -20,13 +20,12 @@ from pyengine import _core
 from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint import partitioned
 from pyengine.checkpoint.cuda_staging import PinnedMirror
-from pyengine.checkpoint.dtypes import code_of_torch
 from pyengine.checkpoint.manifest import Manifest, read_manifest, read_tensors
 from pyengine.checkpoint.overlap import OverlapGuard
 from pyengine.checkpoint.policies import PolicyFeed, SavePolicy
 from pyengine.checkpoint.rng import capture_rng_state, restore_rng_state
 from pyengine.checkpoint.sharded import ShardedSaver, ShardedStep, read_sharded_manifest
-from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names
+from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names, writer_source
 from pyengine.checkpoint.stateful import check_loadable, encode_object, load_object
 from pyengine.errors import CheckpointError
 
@@ -265,11 +264,8 @@ class Checkpointer:
             t = host.get(item.name, item.tensor)
             if t.device.type != "cpu" or t.layout != torch.strided:
                 raise ValueError(f"cannot checkpoint tensor {item.name!r} on {t.device} with layout {t.layout}")
-            stable = item.stable or item.name in host  # a pinned mirror is a private copy
-            if not t.is_contiguous() or t.is_conj() or t.is_neg():
-                t, stable = t.resolve_conj().resolve_neg().contiguous(), True
-            source = (item.name, code_of_torch(t.dtype, item.name), list(t.shape),
-                      t.reshape(-1).view(torch.uint8).numpy())
+            source, private = writer_source(item.name, t)
+            stable = item.stable or private or item.name in host  # a pinned mirror is a private copy
             (later if overlap and stable else now).append(source)
         return now + later, len(now)
 

@@ -74,7 +74,7 @@ from pyengine.checkpoint import partitioned
 from pyengine.checkpoint.dtypes import CODE_TO_TORCH, code_of_torch
 from pyengine.checkpoint.manifest import MANIFEST, Manifest, read_manifest, read_tensors
 from pyengine.checkpoint.rng import capture_rng_state
-from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder
+from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, writer_source
 from pyengine.checkpoint.stateful import encode_object, parameter_ptrs, unwrap_module
 from pyengine.errors import CheckpointError
 
@@ -423,11 +423,11 @@ def _source(name: str, t: torch.Tensor, copy: bool = True) -> tuple[tuple, bool]
     if _is_dtensor(t):  # in a per-rank entry (e.g. early stopping's best weights): this rank's shard
         t = t.to_local()  # type: ignore[attr-defined]
     t = t.detach()
-    private = t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg()
-    if t.device.type != "cpu":
+    on_device = t.device.type != "cpu"
+    if on_device:
         t = t.cpu() if copy else torch.empty(t.shape, dtype=t.dtype)
-    t = t.resolve_conj().resolve_neg().contiguous()
-    return (name, code_of_torch(t.dtype, name), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()), private
+    source, private = writer_source(name, t)
+    return source, private or on_device
 
 
 def check_tiling(name: str, entry: dict) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyengine.checkpoint.dtypes import code_of_torch
+
 MARKERS = frozenset({"__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__numpy__",
                      "__torch_dtype__"})
 
@@ -33,6 +35,16 @@ class NamedTensor:
     name: str
     tensor: torch.Tensor
     stable: bool = False
+
+
+def writer_source(name: str, t: torch.Tensor) -> tuple[tuple, bool]:
+    """A host tensor as the C++ writer takes it, (name, dtype code, shape, bytes), and whether those
+    bytes are a private copy (made here for a non-contiguous, conjugate or negative view), which
+    nothing else writes to, so an overlapped save may copy it later."""
+    private = not t.is_contiguous() or t.is_conj() or t.is_neg()
+    if private:
+        t = t.resolve_conj().resolve_neg().contiguous()
+    return (name, code_of_torch(t.dtype, name), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()), private
 
 
 def storage_ptr(t: torch.Tensor) -> int:
