@@ -145,6 +145,33 @@ def scenario_train(out: Path) -> dict:
     report["policy_steps"] = scenario_policy(out)
     report["staging"] = scenario_staging_reuse(out, fsdp, fsdp_opt)
     report["overlap"] = scenario_overlap(out)
+    report["loaders_disagree"] = scenario_loaders_disagree(out)
+    return report
+
+
+def scenario_loaders_disagree(out: Path) -> dict:
+    """pe.Trainer refuses, on every rank alike, loaders that the ranks built differently."""
+    rank, data = pe.distributed.rank(), pe.data.Dataset(out / "data")
+    cases = {
+        # data parallel: another seed on rank 1 would overlap rank 0's samples and miss others
+        "ddp_seed": ("ddp", pe.data.Loader(data, PER_RANK_BATCH, shuffle=True, seed=1 + rank, rank=rank,
+                                           world_size=2)),
+        "ddp_rank": ("ddp", pe.data.Loader(data, PER_RANK_BATCH, shuffle=True, seed=1, rank=0, world_size=2)),
+        # model parallel: every rank must see the same batches
+        "tensor_seed": ("tensor", pe.data.Loader(data, PER_RANK_BATCH, shuffle=True, seed=1 + rank)),
+    }
+    report = {}
+    for name, (strategy, bad) in cases.items():
+        model = make_model()
+        try:
+            pe.Trainer(model, torch.optim.Adam(model.parameters()), batch_loss, bad, strategy=strategy, progress=False)
+        except ValueError as e:
+            report[name] = str(e)[:300]
+        else:
+            raise AssertionError(f"{name}: loaders built differently by the ranks were accepted")
+    # Built alike (rank 1 differing only in rank=), the same Trainer is accepted.
+    model = make_model()
+    pe.Trainer(model, torch.optim.Adam(model.parameters()), batch_loss, loader(out), strategy="ddp", progress=False)
     return report
 
 

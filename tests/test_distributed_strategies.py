@@ -84,6 +84,14 @@ def test_an_overlapped_distributed_save_holds_the_state_at_save_bit_for_bit(trai
             assert r[f"{name}_changed_by_step"] > 0, r
 
 
+def test_the_trainer_refuses_loaders_the_ranks_built_differently(trained: Path) -> None:
+    for rank in (0, 1):
+        r = report(trained, "train", rank)["loaders_disagree"]
+        assert "built train_loader differently" in r["ddp_seed"] and "'seed': 2" in r["ddp_seed"]
+        assert "train_loader's rank= on ranks 0..1 is [0, 0]" in r["ddp_rank"]
+        assert "built train_loader differently" in r["tensor_seed"]
+
+
 def test_each_rank_reuses_its_reserved_staging_memory_for_every_save(trained: Path) -> None:
     for rank in (0, 1):
         r = report(trained, "train", rank)["staging"]
