@@ -26,6 +26,20 @@ Bytes bytes_of(const py::buffer& buffer, bool writable) {
   return Bytes{static_cast<uint8_t*>(info.ptr), static_cast<uint64_t>(info.size * info.itemsize)};
 }
 
+// Writer sources arrive as (name, dtype, shape, buffer) tuples; save() and reserve() share this.
+std::vector<TensorSource> sources_of(const py::list& sources) {
+  std::vector<TensorSource> out;
+  out.reserve(sources.size());
+  for (const py::handle& item : sources) {
+    auto t = item.cast<py::tuple>();
+    if (t.size() != 4) throw pe::InvalidArgument("each source is (name, dtype, shape, buffer)");
+    Bytes b = bytes_of(t[3].cast<py::buffer>(), false);
+    TensorSpec spec{t[0].cast<std::string>(), t[1].cast<std::string>(), t[2].cast<std::vector<int64_t>>(), b.size};
+    out.push_back(TensorSource{std::move(spec), b.data});
+  }
+  return out;
+}
+
 py::dict stats_dict(const SaveStats& s) {
   py::dict d;
   d["step"] = s.step;
@@ -76,16 +90,7 @@ void bind_checkpoint(py::module_& m) {
           "save",
           [](AsyncCheckpointWriter& w, uint64_t step, const py::list& sources, std::string state_json,
              size_t sync_count, std::string directory) {
-            std::vector<TensorSource> srcs;
-            srcs.reserve(sources.size());
-            for (const py::handle& item : sources) {
-              auto t = item.cast<py::tuple>();
-              if (t.size() != 4) throw pe::InvalidArgument("each source is (name, dtype, shape, buffer)");
-              Bytes b = bytes_of(t[3].cast<py::buffer>(), false);
-              TensorSpec spec{t[0].cast<std::string>(), t[1].cast<std::string>(), t[2].cast<std::vector<int64_t>>(),
-                              b.size};
-              srcs.push_back(TensorSource{std::move(spec), b.data});
-            }
+            std::vector<TensorSource> srcs = sources_of(sources);
             py::gil_scoped_release release;
             return w.save(step, std::move(srcs), std::move(state_json), sync_count, directory);
           },
@@ -98,13 +103,7 @@ void bind_checkpoint(py::module_& m) {
           "reserve",
           [](AsyncCheckpointWriter& w, const py::list& sources) {
             std::vector<TensorSpec> specs;
-            for (const py::handle& item : sources) {
-              auto t = item.cast<py::tuple>();
-              if (t.size() != 4) throw pe::InvalidArgument("each source is (name, dtype, shape, buffer)");
-              Bytes b = bytes_of(t[3].cast<py::buffer>(), false);
-              specs.push_back(TensorSpec{t[0].cast<std::string>(), t[1].cast<std::string>(),
-                                         t[2].cast<std::vector<int64_t>>(), b.size});
-            }
+            for (TensorSource& source : sources_of(sources)) specs.push_back(std::move(source.spec));
             py::gil_scoped_release release;
             return w.reserve(specs);
           },

@@ -49,7 +49,8 @@ std::string unique_suffix() {
   return buf;
 }
 
-std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const std::vector<ShardResult>& shards,
+std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const std::vector<uint32_t>& file_crcs,
+                           const std::vector<uint32_t>& tensor_crcs,
                            const std::string& state_json) {
   std::string m = "{\"format\":\"pyengine.checkpoint\",\"version\":1,\"step\":" + std::to_string(step) +
                   ",\"created_unix\":" +
@@ -60,7 +61,7 @@ std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const 
     m += (s ? ",{\"file\":" : "{\"file\":");
     append_json_string(m, plan.file_name);
     m += ",\"bytes\":" + std::to_string(plan.file_bytes()) + ",\"header_bytes\":" + std::to_string(plan.header.size()) +
-         ",\"crc32c\":" + std::to_string(shards[s].file_crc) + "}";
+         ",\"crc32c\":" + std::to_string(file_crcs[s]) + "}";
   }
   m += "],\"tensors\":{";
   for (size_t i = 0; i < layout.tensors.size(); ++i) {
@@ -71,7 +72,7 @@ std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const 
     m += ":{\"shard\":" + std::to_string(t.shard) + ",\"dtype\":\"" + t.spec.dtype + "\",\"shape\":[";
     for (size_t d = 0; d < t.spec.shape.size(); ++d) m += (d ? "," : "") + std::to_string(t.spec.shape[d]);
     m += "],\"offset\":" + std::to_string(plan.header.size() + t.data_begin) +
-         ",\"nbytes\":" + std::to_string(t.spec.nbytes) + ",\"crc32c\":" + std::to_string(shards[t.shard].tensor_crcs.at(i)) +
+         ",\"nbytes\":" + std::to_string(t.spec.nbytes) + ",\"crc32c\":" + std::to_string(tensor_crcs.at(i)) +
          "}";
   }
   m += "},\"state\":" + (state_json.empty() ? std::string("null") : state_json) + "}";
@@ -256,14 +257,14 @@ void AsyncCheckpointWriter::persist(Save& save) {
   make_directory(tmp_dir);
   try {
     const CheckpointLayout& layout = save.layout;
-    std::vector<ShardResult> results(layout.shards.size());
+    std::vector<uint32_t> file_crcs(layout.shards.size());
     size_t writers = std::min(layout.shards.size(), std::max<size_t>(1, options_.max_shards));
     parallel_for(writers, "pe-ckpt-write", [&](size_t w) {
       for (size_t s = w; s < layout.shards.size(); s += writers)
-        results[s] = write_shard(join_path(tmp_dir, layout.shards[s].file_name), layout, s, save.staging->data(),
+        file_crcs[s] = write_shard(join_path(tmp_dir, layout.shards[s].file_name), layout, s, save.staging->data(),
                                  save.tensor_crcs);
     });
-    std::string manifest = build_manifest(save.step, layout, results, save.state_json);
+    std::string manifest = build_manifest(save.step, layout, file_crcs, save.tensor_crcs, save.state_json);
     File mf(join_path(tmp_dir, "manifest.json"), File::Mode::kCreateNew);
     mf.write_all(manifest.data(), manifest.size());
     mf.sync();

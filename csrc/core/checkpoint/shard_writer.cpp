@@ -39,10 +39,9 @@ void write_chunk(File& file, bool& direct, const uint8_t* data, uint64_t n) {
 
 }  // namespace
 
-ShardResult write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging,
-                        const std::vector<uint32_t>& tensor_crcs) {
+uint32_t write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging,
+                     const std::vector<uint32_t>& tensor_crcs) {
   const ShardPlan& plan = layout.shards[shard];
-  ShardResult result;
   File file(path, File::Mode::kCreateNew);
   bool direct = file.set_direct(true);
 
@@ -55,10 +54,8 @@ ShardResult write_shard(const std::string& path, const CheckpointLayout& layout,
 
   // The shard's data is its tensors back to back, so the file CRC chains the tensors' CRCs.
   uint32_t file_crc = crc32c(plan.header.data(), plan.header.size());
-  for (size_t index : plan.tensors) {
-    result.tensor_crcs[index] = tensor_crcs.at(index);
-    file_crc = crc32c_combine(file_crc, tensor_crcs[index], layout.tensors[index].spec.nbytes);
-  }
+  for (size_t index : plan.tensors)
+    file_crc = crc32c_combine(file_crc, tensor_crcs.at(index), layout.tensors[index].spec.nbytes);
 
   const uint8_t* base = staging + plan.staging_offset;
   const uint64_t aligned_end = plan.data_bytes / kFileAlign * kFileAlign;
@@ -74,8 +71,7 @@ ShardResult write_shard(const std::string& path, const CheckpointLayout& layout,
   }
   file.sync();
   file.close();
-  result.file_crc = file_crc;
-  return result;
+  return file_crc;
 }
 
 }  // namespace pe

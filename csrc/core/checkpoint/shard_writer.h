@@ -3,22 +3,17 @@
 
 #include <cstdint>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "checkpoint/shard_layout.h"
 
 namespace pe {
 
-struct ShardResult {
-  uint32_t file_crc = 0;                          // CRC32C of the whole file
-  std::unordered_map<size_t, uint32_t> tensor_crcs;  // layout tensor index -> CRC32C of its bytes
-};
-
-// Creates `path` (which must not exist), writes header and data, fsyncs and closes it.
-// tensor_crcs holds each layout tensor's CRC32C, computed when it was copied into staging;
-// the file's CRC is combined from them and the header's, without reading the data again.
-ShardResult write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging,
-                        const std::vector<uint32_t>& tensor_crcs);
+// Creates `path` (which must not exist), writes header and data, fsyncs and closes it, and
+// returns the CRC32C of the whole file. tensor_crcs holds each layout tensor's CRC32C, computed
+// when it was copied into staging; the file's CRC is combined from them and the header's,
+// without reading the data again.
+uint32_t write_shard(const std::string& path, const CheckpointLayout& layout, size_t shard, const uint8_t* staging,
+                     const std::vector<uint32_t>& tensor_crcs);
 
 }  // namespace pe
