@@ -9,34 +9,58 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'read_shards', 'verify_file']
+__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'read_shards', 'verify_file']
+class WriteSource:
+    """
+    One tensor to save: its name, safetensors dtype, shape and a 1-D contiguous buffer of its bytes. Holds the buffer (and its exporter) for its whole life.
+    """
+    def __init__(self, name: str, dtype: str, shape: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], data: typing_extensions.Buffer) -> None:
+        """
+        Requests `data`'s buffer now; raises ValueError unless it is one-dimensional and contiguous.
+        """
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def dtype(self) -> str:
+        ...
+    @property
+    def shape(self) -> list[int]:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
 class AsyncCheckpointWriter:
     """
-    Snapshot-then-persist checkpoint pipeline (see csrc/core/checkpoint/async_writer.h).
+    Snapshot-then-persist writer of checkpoint parts (see csrc/core/checkpoint/async_writer.h). Destruction waits for every save in flight (GIL released).
     """
-    def __init__(self, directory: str, max_shards: typing.SupportsInt | typing.SupportsIndex = 4, copy_threads: typing.SupportsInt | typing.SupportsIndex = 2, max_in_flight: typing.SupportsInt | typing.SupportsIndex = 1, staging_cap_bytes: typing.SupportsInt | typing.SupportsIndex = 0, keep_last: typing.SupportsInt | typing.SupportsIndex = 0, background_nice: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
-        ...
-    def save(self, step: typing.SupportsInt | typing.SupportsIndex, sources: list, state_json: str, sync_count: typing.SupportsInt | typing.SupportsIndex, directory: str = '') -> int:
+    def __init__(self, *, max_shards: typing.SupportsInt | typing.SupportsIndex = 4, copy_threads: typing.SupportsInt | typing.SupportsIndex = 2, max_in_flight: typing.SupportsInt | typing.SupportsIndex = 1, staging_cap_bytes: typing.SupportsInt | typing.SupportsIndex = 0, background_nice: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         """
-        Blocks for an in-flight slot and for copying sources[:sync_count]; the rest is copied in the background. Keep every source alive until wait_snapshot(id) returns. Commits step-N under `directory` (default: the writer's; keep_last prunes only there). Returns the save id.
+        Raises ValueError for max_shards or max_in_flight of 0, or background_nice outside 0..19.
         """
-    def stats(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> dict:
-        ...
-    def wait(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def save(self, step: typing.SupportsInt | typing.SupportsIndex, sources: list[WriteSource], state_json: str, sync_count: typing.SupportsInt | typing.SupportsIndex, directory: str) -> int:
         """
-        Blocks until save `id` is durable; raises its error if it failed.
+        Blocks (GIL released, interruptible) for an in-flight slot, for staging memory and for copying sources[:sync_count]; the rest is copied in the background. The writer holds the sources until the snapshot is done. Writes the shards and manifest.json into `directory` (which must exist and be empty) and fsyncs them and it; commits nothing. Returns the save id.
+        """
+    def reserve(self, sources: list[WriteSource]) -> int:
+        """
+        Allocates and touches the staging memory a save of `sources` needs (nothing is copied); blocks (GIL released, interruptible) while it does, and while a staging cap is reached. Returns the staging bytes held.
+        """
+    def wait_snapshot(self, id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Blocks (GIL released, interruptible) until every byte of save `id` is staged.
+        """
+    def wait(self, id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Blocks (GIL released, interruptible) until save `id`'s part is durable; raises its error (once) if it failed.
         """
     def wait_all(self) -> None:
         """
-        Blocks until no save is in flight; raises the first error not yet raised.
+        Blocks (GIL released, interruptible) until no save is in flight; raises the first error not yet raised.
         """
-    def reserve(self, sources: list) -> int:
+    def stats(self, id: typing.SupportsInt | typing.SupportsIndex) -> dict[str, typing.Any]:
         """
-        Allocates and touches the staging memory a save of `sources` needs (nothing is copied); blocks while it does, and while a staging cap is reached. Returns the staging bytes held.
-        """
-    def wait_snapshot(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
-        """
-        Blocks until every byte of save `id` is staged.
+        Progress of save `id`: step, bytes, snapshot_seconds, persist_seconds, snapshot_done, done, failed, path. Does not block.
         """
     @property
     def staging_bytes(self) -> int:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 import pyengine as pe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from faulty_storage import FaultyStorage, StuckStorage, inject  # noqa: E402
 
 STEPS = 12
 PER_RANK_BATCH = 8
@@ -350,25 +352,12 @@ def scenario_unfreeze(out: Path) -> str:
     return message
 
 
-class FailingWriter:
-    """A writer whose part never becomes durable (stands in for a full or broken disk)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def save(self, *args, **kwargs) -> int:
-        return 1
-
-    def wait(self, save_id: int) -> None:
-        raise OSError(28, "No space left on device (injected)")
-
-
 def scenario_failed_save(out: Path) -> str:
     model = pe.distributed.DataParallel().wrap(make_model())
     with pe.Checkpointer(out / "ckpt-fail") as ckpt:
         ckpt.save(1, {"model": model}).wait()
-        if pe.distributed.rank() == 1:
-            ckpt._sharded._writer = FailingWriter()  # the writer every later save of this rank uses
+        if pe.distributed.rank() == 1:  # its part never becomes durable (a full or broken disk)
+            inject(ckpt, FaultyStorage(ckpt.directory, "finish_part"))
         try:
             ckpt.save(2, {"model": model}).wait()
         except pe.CheckpointError as e:
@@ -427,19 +416,6 @@ def scenario_reshard(out: Path) -> dict:
     return report
 
 
-class StuckWriter:
-    """Wraps the rank's real writer, whose part then never finishes: the process dies while writing it."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def save(self, *args, **kwargs) -> int:
-        return self.inner.save(*args, **kwargs)
-
-    def wait(self, save_id: int) -> None:
-        threading.Event().wait()
-
-
 def scenario_kill(out: Path) -> dict:
     """Rank 1 dies by SIGKILL while its part of step 2 is being written: step 2 never commits."""
     model = pe.distributed.DataParallel().wrap(torch.nn.Linear(256, 1024))
@@ -447,7 +423,7 @@ def scenario_kill(out: Path) -> dict:
         ckpt.save(1, {"model": model}).wait()
         pe.distributed.barrier()
         if pe.distributed.rank() == 1:
-            ckpt._sharded._writer = StuckWriter(ckpt._sharded._writer)
+            inject(ckpt, StuckStorage(ckpt.directory))
         ckpt.save(2, {"model": model})
         if pe.distributed.rank() == 1:
             time.sleep(0.2)  # its shards are on their way to disk, the commit gather not reached

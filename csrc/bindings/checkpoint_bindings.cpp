@@ -1,7 +1,16 @@
-// Bindings for the checkpoint engine. Tensors cross as 1-D uint8 buffers (the Python layer
-// passes `tensor.view(torch.uint8).numpy()`), so the core never sees torch. Every call that
-// copies, writes, reads or waits releases the GIL.
+// Bindings for the checkpoint engine. Tensors cross as WriteSource objects over 1-D byte
+// buffers (the Python layer passes `tensor.view(torch.uint8).numpy()`), so the core never
+// sees torch. Every call that copies, writes, reads or waits releases the GIL; the writer's
+// waits do so in slices and check for signals between them, so Ctrl-C interrupts them.
+//
+// Lifetimes are owned here, at the boundary: a save's WriteSources (and so their buffers)
+// stay referenced until the core reports its snapshot done, whatever Python does with its own
+// references. Those references are dropped only with the GIL held, at the writer's next call
+// or its destruction; the core's threads never see a Python object.
 #include <pybind11/stl.h>
+#include <pybind11/typing.h>
+
+#include <map>
 
 #include "bindings.h"
 #include "checkpoint/async_writer.h"
@@ -19,26 +28,148 @@ struct Bytes {
   uint64_t size;
 };
 
-Bytes bytes_of(const py::buffer& buffer, bool writable) {
-  py::buffer_info info = buffer.request(writable);
+void check_one_dimensional(const py::buffer_info& info) {
   if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
     throw pe::InvalidArgument("buffer must be one-dimensional and contiguous");
+}
+
+Bytes bytes_of(const py::buffer& buffer, bool writable) {
+  py::buffer_info info = buffer.request(writable);
+  check_one_dimensional(info);
   return Bytes{static_cast<uint8_t*>(info.ptr), static_cast<uint64_t>(info.size * info.itemsize)};
 }
 
-// Writer sources arrive as (name, dtype, shape, buffer) tuples; save() and reserve() share this.
-std::vector<TensorSource> sources_of(const py::list& sources) {
+// One tensor to save. Holds its buffer request (Py_buffer, which references the exporter) for
+// its whole life, so its data pointer stays valid while anything references the WriteSource.
+class WriteSource {
+ public:
+  WriteSource(std::string name, std::string dtype, std::vector<int64_t> shape, const py::buffer& data)
+      : exporter_(data), view_(data.request(false)) {
+    check_one_dimensional(view_);
+    source_.spec = TensorSpec{std::move(name), std::move(dtype), std::move(shape),
+                              static_cast<uint64_t>(view_.size * view_.itemsize)};
+    source_.data = static_cast<const uint8_t*>(view_.ptr);
+  }
+  const TensorSource& source() const { return source_; }
+
+ private:
+  py::object exporter_;
+  py::buffer_info view_;  // releases the Py_buffer when destroyed, always with the GIL held
+  TensorSource source_;
+};
+
+// save() and reserve() share this. `keep` receives a new reference to every WriteSource, taken
+// before the GIL is released: the caller's list may change meanwhile.
+using SourceList = py::typing::List<WriteSource>;
+
+std::vector<TensorSource> sources_of(const SourceList& sources, std::vector<py::object>* keep) {
   std::vector<TensorSource> out;
   out.reserve(sources.size());
   for (const py::handle& item : sources) {
-    auto t = item.cast<py::tuple>();
-    if (t.size() != 4) throw pe::InvalidArgument("each source is (name, dtype, shape, buffer)");
-    Bytes b = bytes_of(t[3].cast<py::buffer>(), false);
-    TensorSpec spec{t[0].cast<std::string>(), t[1].cast<std::string>(), t[2].cast<std::vector<int64_t>>(), b.size};
-    out.push_back(TensorSource{std::move(spec), b.data});
+    if (!py::isinstance<WriteSource>(item))
+      throw py::type_error("sources must be WriteSource objects, got " +
+                           std::string(py::str(py::type::handle_of(item))));
+    out.push_back(item.cast<const WriteSource&>().source());
+    if (keep != nullptr) keep->push_back(py::reinterpret_borrow<py::object>(item));
   }
   return out;
 }
+
+// Checks for a pending signal (Ctrl-C) between the slices of a core wait; called on the waiting
+// thread with no core lock held. Throws error_already_set, which ends the wait.
+void check_signals() {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+const Poll kCheckSignals = check_signals;
+
+// The Python-facing writer: the core plus the WriteSources of saves still being snapshotted.
+// Every member is used with the GIL held.
+class PyWriter {
+ public:
+  explicit PyWriter(WriterOptions options) : core_(std::make_unique<AsyncCheckpointWriter>(options)) {}
+  ~PyWriter() {
+    {
+      // The join may take a whole persist; no pipeline thread needs the GIL, so let others run.
+      py::gil_scoped_release release;
+      core_.reset();
+    }
+    held_.clear();  // with the GIL, now that no thread reads the buffers
+  }
+  PyWriter(const PyWriter&) = delete;
+  PyWriter& operator=(const PyWriter&) = delete;
+
+  uint64_t save(uint64_t step, const SourceList& sources, std::string state_json, size_t sync_count,
+                const std::string& directory) {
+    release_staged();
+    std::vector<py::object> keep;
+    std::vector<TensorSource> srcs = sources_of(sources, &keep);
+    uint64_t id;
+    {
+      py::gil_scoped_release release;
+      id = core_->save(step, std::move(srcs), std::move(state_json), sync_count, directory, kCheckSignals);
+    }
+    if (!core_->snapshot_done(id)) held_.emplace(id, std::move(keep));
+    return id;
+  }
+
+  uint64_t reserve(const SourceList& sources) {
+    release_staged();
+    std::vector<TensorSpec> specs;
+    for (TensorSource& source : sources_of(sources, nullptr)) specs.push_back(std::move(source.spec));
+    py::gil_scoped_release release;
+    return core_->reserve(specs, kCheckSignals);
+  }
+
+  void wait_snapshot(uint64_t id) {
+    {
+      py::gil_scoped_release release;
+      core_->wait_snapshot(id, kCheckSignals);
+    }
+    release_staged();
+  }
+
+  void wait(uint64_t id) {
+    {
+      py::gil_scoped_release release;
+      core_->wait(id, kCheckSignals);
+    }
+    release_staged();
+  }
+
+  void wait_all() {
+    {
+      py::gil_scoped_release release;
+      core_->wait_all(kCheckSignals);
+    }
+    release_staged();
+  }
+
+  SaveStats stats(uint64_t id) {
+    release_staged();
+    return core_->stats(id);
+  }
+
+  uint64_t staging_bytes() {
+    release_staged();
+    return core_->staging_bytes();
+  }
+
+ private:
+  // Drops the sources of every save whose snapshot is done: the core reads them no more.
+  void release_staged() {
+    for (auto it = held_.begin(); it != held_.end();) {
+      if (core_->snapshot_done(it->first))
+        it = held_.erase(it);
+      else
+        ++it;
+    }
+  }
+
+  std::unique_ptr<AsyncCheckpointWriter> core_;
+  std::map<uint64_t, std::vector<py::object>> held_;  // save id -> its WriteSources
+};
 
 py::dict stats_dict(const SaveStats& s) {
   py::dict d;
@@ -74,50 +205,53 @@ void bind_checkpoint(py::module_& m) {
   m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32c_hardware_available", &crc32c_hardware_available);
 
-  py::class_<AsyncCheckpointWriter>(m, "AsyncCheckpointWriter",
-                                    "Snapshot-then-persist checkpoint pipeline (see csrc/core/checkpoint/async_writer.h).")
-      .def(py::init([](std::string directory, size_t max_shards, size_t copy_threads, size_t max_in_flight,
-                       uint64_t staging_cap_bytes, size_t keep_last, int background_nice) {
+  py::class_<WriteSource>(m, "WriteSource",
+                          "One tensor to save: its name, safetensors dtype, shape and a 1-D contiguous buffer of "
+                          "its bytes. Holds the buffer (and its exporter) for its whole life.")
+      .def(py::init<std::string, std::string, std::vector<int64_t>, const py::buffer&>(), py::arg("name"),
+           py::arg("dtype"), py::arg("shape"), py::arg("data"),
+           "Requests `data`'s buffer now; raises ValueError unless it is one-dimensional and contiguous.")
+      .def_property_readonly("name", [](const WriteSource& s) { return s.source().spec.name; })
+      .def_property_readonly("dtype", [](const WriteSource& s) { return s.source().spec.dtype; })
+      .def_property_readonly("shape", [](const WriteSource& s) { return s.source().spec.shape; })
+      .def_property_readonly("nbytes", [](const WriteSource& s) { return s.source().spec.nbytes; });
+
+  py::class_<PyWriter>(m, "AsyncCheckpointWriter",
+                       "Snapshot-then-persist writer of checkpoint parts (see csrc/core/checkpoint/async_writer.h). "
+                       "Destruction waits for every save in flight (GIL released).")
+      .def(py::init([](size_t max_shards, size_t copy_threads, size_t max_in_flight, uint64_t staging_cap_bytes,
+                       int background_nice) {
              if (background_nice < 0 || background_nice > 19)
                throw pe::InvalidArgument("background_nice must be in 0..19, got " + std::to_string(background_nice));
-             return std::make_unique<AsyncCheckpointWriter>(WriterOptions{std::move(directory), max_shards,
-                                                                          copy_threads, max_in_flight,
-                                                                          staging_cap_bytes, keep_last, background_nice});
+             return std::make_unique<PyWriter>(
+                 WriterOptions{max_shards, copy_threads, max_in_flight, staging_cap_bytes, background_nice});
            }),
-           py::arg("directory"), py::arg("max_shards") = 4, py::arg("copy_threads") = 2, py::arg("max_in_flight") = 1,
-           py::arg("staging_cap_bytes") = 0, py::arg("keep_last") = 0, py::arg("background_nice") = 0)
+           py::kw_only(), py::arg("max_shards") = 4, py::arg("copy_threads") = 2, py::arg("max_in_flight") = 1,
+           py::arg("staging_cap_bytes") = 0, py::arg("background_nice") = 0,
+           "Raises ValueError for max_shards or max_in_flight of 0, or background_nice outside 0..19.")
+      .def("save", &PyWriter::save, py::arg("step"), py::arg("sources"), py::arg("state_json"), py::arg("sync_count"),
+           py::arg("directory"),
+           "Blocks (GIL released, interruptible) for an in-flight slot, for staging memory and for copying "
+           "sources[:sync_count]; the rest is copied in the background. The writer holds the sources until the "
+           "snapshot is done. Writes the shards and manifest.json into `directory` (which must exist and be "
+           "empty) and fsyncs them and it; commits nothing. Returns the save id.")
+      .def("reserve", &PyWriter::reserve, py::arg("sources"),
+           "Allocates and touches the staging memory a save of `sources` needs (nothing is copied); blocks "
+           "(GIL released, interruptible) while it does, and while a staging cap is reached. Returns the "
+           "staging bytes held.")
+      .def("wait_snapshot", &PyWriter::wait_snapshot, py::arg("id"),
+           "Blocks (GIL released, interruptible) until every byte of save `id` is staged.")
+      .def("wait", &PyWriter::wait, py::arg("id"),
+           "Blocks (GIL released, interruptible) until save `id`'s part is durable; raises its error (once) "
+           "if it failed.")
+      .def("wait_all", &PyWriter::wait_all,
+           "Blocks (GIL released, interruptible) until no save is in flight; raises the first error not yet "
+           "raised.")
       .def(
-          "save",
-          [](AsyncCheckpointWriter& w, uint64_t step, const py::list& sources, std::string state_json,
-             size_t sync_count, std::string directory) {
-            std::vector<TensorSource> srcs = sources_of(sources);
-            py::gil_scoped_release release;
-            return w.save(step, std::move(srcs), std::move(state_json), sync_count, directory);
-          },
-          py::arg("step"), py::arg("sources"), py::arg("state_json"), py::arg("sync_count"),
-          py::arg("directory") = std::string(),
-          "Blocks for an in-flight slot and for copying sources[:sync_count]; the rest is copied in the "
-          "background. Keep every source alive until wait_snapshot(id) returns. Commits step-N under "
-          "`directory` (default: the writer's; keep_last prunes only there). Returns the save id.")
-      .def(
-          "reserve",
-          [](AsyncCheckpointWriter& w, const py::list& sources) {
-            std::vector<TensorSpec> specs;
-            for (TensorSource& source : sources_of(sources)) specs.push_back(std::move(source.spec));
-            py::gil_scoped_release release;
-            return w.reserve(specs);
-          },
-          py::arg("sources"),
-          "Allocates and touches the staging memory a save of `sources` needs (nothing is copied); blocks "
-          "while it does, and while a staging cap is reached. Returns the staging bytes held.")
-      .def("wait_snapshot", &AsyncCheckpointWriter::wait_snapshot, py::call_guard<py::gil_scoped_release>(),
-           "Blocks until every byte of save `id` is staged.")
-      .def("wait", &AsyncCheckpointWriter::wait, py::call_guard<py::gil_scoped_release>(),
-           "Blocks until save `id` is durable; raises its error if it failed.")
-      .def("wait_all", &AsyncCheckpointWriter::wait_all, py::call_guard<py::gil_scoped_release>(),
-           "Blocks until no save is in flight; raises the first error not yet raised.")
-      .def("stats", [](AsyncCheckpointWriter& w, uint64_t id) { return stats_dict(w.stats(id)); })
-      .def_property_readonly("staging_bytes", &AsyncCheckpointWriter::staging_bytes);
+          "stats", [](PyWriter& w, uint64_t id) { return stats_dict(w.stats(id)); }, py::arg("id"),
+          "Progress of save `id`: step, bytes, snapshot_seconds, persist_seconds, snapshot_done, done, failed, "
+          "path. Does not block.")
+      .def_property_readonly("staging_bytes", &PyWriter::staging_bytes);
 
   m.def(
       "read_shards",

@@ -8,7 +8,7 @@ When to save: `Checkpointer(dir, policy=OverheadBudget(0.01))` and `ckpt.maybe_s
 each step (also Every(steps=N), Every(seconds=T), YoungDaly(mtbf_seconds)).
 """
 
-from pyengine.checkpoint.checkpointer import Checkpointer, CheckpointFallbackWarning, SaveHandle
+from pyengine.checkpoint.checkpointer import Checkpointer, CheckpointFallbackWarning, CheckpointPruneWarning, SaveHandle
 from pyengine.checkpoint.export import export_weights
 from pyengine.checkpoint.inspection import CheckpointInfo, inspect_directory
 from pyengine.checkpoint.policies import (
@@ -23,6 +23,7 @@ from pyengine.checkpoint.policies import (
 
 __all__ = [
     "CheckpointFallbackWarning",
+    "CheckpointPruneWarning",
     "CheckpointInfo",
     "Checkpointer",
     "Every",

@@ -3,82 +3,27 @@
 from __future__ import annotations
 
 import atexit
-import functools
-import json
+import errno
 import numbers
+import os
 import sys
-import time
-import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pyengine import _core
 from pyengine.checkpoint import directory as ckdir
-from pyengine.checkpoint import partitioned
-from pyengine.checkpoint.cuda_staging import PinnedMirror
-from pyengine.checkpoint.manifest import Manifest, read_manifest, read_tensors
+from pyengine.checkpoint.coordinator import coordinator_for_this_process
 from pyengine.checkpoint.overlap import OverlapGuard
 from pyengine.checkpoint.policies import PolicyFeed, SavePolicy
-from pyengine.checkpoint.rng import capture_rng_state, restore_rng_state
-from pyengine.checkpoint.sharded import ShardedSaver, ShardedStep, read_sharded_manifest
-from pyengine.checkpoint.state_codec import NamedTensor, StateEncoder, decode, tensor_names, writer_source
-from pyengine.checkpoint.stateful import check_loadable, encode_object, load_object
+from pyengine.checkpoint.restorer import CheckpointFallbackWarning, load_agreed
+from pyengine.checkpoint.rng import restore_rng_state
+from pyengine.checkpoint.save_engine import CheckpointPruneWarning, SaveEngine, SaveHandle
+from pyengine.checkpoint.stateful import load_object
+from pyengine.checkpoint.storage import FileSystemStorage
 from pyengine.errors import CheckpointError
 
-_RNG_KEY = "__rng__"
-
-
-class CheckpointFallbackWarning(UserWarning):
-    """The newest checkpoint failed verification and an older one was used."""
-
-
-class SaveHandle:
-    """One save in flight. `wait()` returns once it is durable (or raises its error)."""
-
-    def __init__(self, writer: Any, save_id: int, step: int, stall_seconds: float, sources: list | None) -> None:
-        self._writer = writer
-        self._id = save_id
-        self.step = step
-        self.stall_seconds = stall_seconds
-        self._sources = sources  # keeps source buffers alive while an overlapped copy reads them
-        self._final_stats: dict[str, Any] | None = None
-
-    def wait_snapshot(self) -> None:
-        """Blocks until every byte is staged; the saved objects may change after this."""
-        self._writer.wait_snapshot(self._id)
-        self._sources = None
-
-    def wait(self) -> None:
-        """Blocks until the checkpoint is committed and durable; raises if the save failed."""
-        try:
-            self._writer.wait(self._id)
-        finally:
-            self._sources = None
-
-    def done(self) -> bool:
-        return bool(self._stats()["done"])
-
-    @property
-    def path(self) -> Path:
-        return Path(self._stats()["path"])
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        """bytes, stall_seconds (the caller blocked), snapshot_seconds, persist_seconds (to commit)."""
-        return {**self._stats(), "stall_seconds": self.stall_seconds}
-
-    def _stats(self) -> dict[str, Any]:
-        # The core forgets long-finished saves, so final figures are kept here.
-        if self._final_stats is not None:
-            return self._final_stats
-        stats = self._writer.stats(self._id)
-        if stats["done"]:
-            self._final_stats = stats
-        return stats
+__all__ = ["CheckpointFallbackWarning", "CheckpointPruneWarning", "Checkpointer", "SaveHandle"]
 
 
 class Checkpointer:
@@ -125,30 +70,43 @@ class Checkpointer:
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(f"checkpoint directory {self.directory} exists and is not a directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = int(keep_last)
         self.capture_rng = capture_rng
-        self._writer_options = dict(max_shards=max_shards, copy_threads=copy_threads, max_in_flight=max_in_flight,
-                                    staging_cap_bytes=staging_cap_bytes, keep_last=keep_last,
-                                    background_nice=background_nice)
         self._read_threads = read_threads
+        self._storage = FileSystemStorage(self.directory)
+        self._coordinator = coordinator_for_this_process()  # a collective in a world of many ranks
         self._lock = ckdir.WriterLock(self.directory)
-        # In a distributed world every rank saves its part, but only rank 0 owns DIR (see sharded.py).
-        self._sharded: ShardedSaver | None = None
-        distributed = _distributed_rank()
-        if distributed is not None:
-            if distributed == 0 and self._lock.try_acquire():
-                ckdir.remove_temp_dirs(self.directory)
-            self._sharded = ShardedSaver(self.directory, self.keep_last, self._writer_options)
-        elif self._lock.try_acquire():
-            ckdir.remove_temp_dirs(self.directory)
-        self._writer: Any = None
+        # Only rank 0 (the only rank in a world of one) owns DIR: it holds the lock, cleans up
+        # and commits. Whether it may write is agreed, so every rank refuses saves alike.
+        refusal = self._take_directory() if self._coordinator.rank == 0 else None
+        self._refusal: str | None = self._coordinator.broadcast(refusal)
+        self._engine = SaveEngine(self._storage, self._coordinator, keep_last=self.keep_last,
+                                  max_in_flight=max_in_flight,
+                                  writer_options=dict(max_shards=max_shards, copy_threads=copy_threads,
+                                                      staging_cap_bytes=staging_cap_bytes,
+                                                      background_nice=background_nice))
         self._guard = OverlapGuard()
-        self._mirror: PinnedMirror | None = None
-        self._pending: list[SaveHandle] = []
         self._newest_step: int | None = None  # no save may take a step <= this one (see _check_step)
         self._closed = False
         _open_checkpointers.add(self)
+
+    def _take_directory(self) -> str | None:
+        """Creates DIR, takes its writer lock and removes torn saves; returns why this process
+        may not write DIR (it may still read it), or None."""
+        try:
+            self._storage.create()
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                return f"{self.directory} is read-only for this process"
+            if not self._lock.try_acquire():
+                return _LOCKED
+            self._storage.remove_torn()
+        except PermissionError as e:
+            return f"{self.directory} cannot be written by this process ({e.strerror})"
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES):
+                return f"{self.directory} is on a read-only file system ({e.strerror})"
+            raise
+        return None
 
     # ----------------------------------------------------------------------------- saving
 
@@ -159,32 +117,23 @@ class Checkpointer:
         With overlap=True, parameters and optimizer state are copied during the next
         forward/backward instead; the next optimizer step waits for that copy. Module
         buffers (e.g. BatchNorm statistics) and everything else are copied before return.
+        In a world of several ranks every rank calls save() for the same steps; each writes
+        its share, and an error on any rank is raised by wait() on every rank.
 
         Raises:
             ValueError / TypeError: bad step or state (nothing is written).
-            CheckpointError / OSError: an earlier save failed in the background.
+            CheckpointError / OSError: an earlier save failed in the background, or this
+                process may not write the directory (read-only, or another writer holds it).
         """
-        started = time.perf_counter()
         self._check_open()
-        self._pending = [h for h in self._pending if not h.done()]
+        self._check_writable()
         step = self._check_step(step)
         _check_state(state)
-        if self._sharded is not None:
-            self._guard.drain()  # no earlier snapshot may still read the buffers
-            sharded_handle = self._sharded.save(step, state, self.capture_rng if rng is None else rng, overlap)
-            if sharded_handle.overlapped:
-                self._guard.add(sharded_handle.wait_snapshot)
-            self._pending.append(sharded_handle)  # type: ignore[arg-type]
-            return sharded_handle  # type: ignore[return-value]
-        writer = self._ensure_writer()
         self._guard.drain()  # no earlier snapshot may still read the buffers refilled below
-        sources, sync_count, state_json = self._encode(state, overlap, rng)
-        save_id = writer.save(step, sources, state_json, sync_count)
-        keep_alive = sources if sync_count < len(sources) else None
-        handle = SaveHandle(writer, save_id, step, time.perf_counter() - started, keep_alive)
-        if keep_alive is not None:
+        handle = self._engine.save(step, state, capture_rng=self.capture_rng if rng is None else rng,
+                                   overlap=overlap)
+        if handle.overlapped:
             self._guard.add(handle.wait_snapshot)
-        self._pending.append(handle)
         return handle
 
     def reserve(self, state: Mapping[str, Any]) -> int:
@@ -200,32 +149,18 @@ class Checkpointer:
         self._check_open()
         self._guard.drain()  # encoding refills CUDA mirrors that an overlapped save may still read
         _check_state(state)
-        if self._sharded is not None:
-            return self._sharded.reserve(state)
-        sources, _, _ = self._encode(state, False, None)
-        return int(self._ensure_writer().reserve(sources))
+        return self._engine.reserve(state)
 
     @property
     def staging_bytes(self) -> int:
         """Host memory held for snapshots (allocated by the first save or by reserve(), then reused)."""
-        if self._sharded is not None:
-            return self._sharded.staging_bytes
-        return int(self._writer.staging_bytes) if self._writer is not None else 0
-
-    def _encode(self, state: Mapping[str, Any], overlap: bool, rng: bool | None) -> tuple[list[tuple], int, str]:
-        encoder = StateEncoder()
-        objects = {key: encode_object(encoder, key, obj) for key, obj in state.items()}
-        capture = self.capture_rng if rng is None else rng
-        rng_tree = encoder.encode(capture_rng_state(), (_RNG_KEY,)) if capture else None
-        state_json = json.dumps({"objects": objects, "rng": rng_tree}, allow_nan=False, separators=(",", ":"))
-        sources, sync_count = self._sources(encoder.tensors, overlap)
-        return sources, sync_count, state_json
+        return self._engine.staging_bytes
 
     def maybe_save(self, step: int, state: Mapping[str, Any], **save_kwargs: Any) -> SaveHandle | None:
         """Saves `state` when the policy says so; call it once per training step.
 
         The policy is fed the time between calls (the training step), each save's stall and,
-        once it finishes, its persist time.
+        once it finishes, its persist time. In a world of several ranks rank 0's policy decides.
 
         Returns:
             The save's handle, or None when the policy skipped this step.
@@ -236,9 +171,7 @@ class Checkpointer:
         if self._policy_feed is None:
             raise ValueError("maybe_save() needs a policy, e.g. "
                              "Checkpointer(directory, policy=pe.checkpoint.Every(steps=100))")
-        due = self._policy_feed.due(step)
-        if self._sharded is not None:
-            due = self._sharded.agree(due)  # every rank must save, or none
+        due = self._coordinator.agree(self._policy_feed.due(step))  # every rank must save, or none
         if not due:
             return None
         handle = self.save(step, state, **save_kwargs)
@@ -248,34 +181,17 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until every save is durable; raises the first background error not yet raised."""
         self._guard.drain()
-        if self._writer is not None:
-            self._writer.wait_all()
-        if self._sharded is not None:
-            self._sharded.wait()
-        self._pending.clear()
+        self._engine.wait()
 
-    def _sources(self, tensors: list[NamedTensor], overlap: bool) -> tuple[list[tuple], int]:
-        on_device = [(t.name, t.tensor) for t in tensors if t.tensor.device.type == "cuda"]
-        if on_device and self._mirror is None:
-            self._mirror = PinnedMirror()
-        host = self._mirror.to_host(on_device) if on_device else {}
-        now, later = [], []
-        for item in tensors:
-            t = host.get(item.name, item.tensor)
-            if t.device.type != "cpu" or t.layout != torch.strided:
-                raise ValueError(f"cannot checkpoint tensor {item.name!r} on {t.device} with layout {t.layout}")
-            source, private = writer_source(item.name, t)
-            stable = item.stable or private or item.name in host  # a pinned mirror is a private copy
-            (later if overlap and stable else now).append(source)
-        return now + later, len(now)
-
-    def _ensure_writer(self) -> Any:
-        if self._writer is None:
-            if not self._lock.try_acquire():
-                raise CheckpointError(f"{self.directory} is being written by another Checkpointer (another "
-                                      "process holds its lock); use a different directory")
-            self._writer = _core.AsyncCheckpointWriter(str(self.directory), **self._writer_options)
-        return self._writer
+    def _check_writable(self) -> None:
+        if self._refusal == _LOCKED and self._coordinator.world == 1 and self._lock.try_acquire():
+            self._refusal = None  # the other writer has closed the directory since
+        if self._refusal == _LOCKED:
+            raise CheckpointError(f"{self.directory} is being written by another Checkpointer (another "
+                                  "process holds its lock); use a different directory")
+        if self._refusal is not None:
+            raise CheckpointError(f"{self._refusal}: its checkpoints can be restored, not saved to; save into a "
+                                  "directory this process can write")
 
     def _check_step(self, step: Any) -> int:
         if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
@@ -287,7 +203,7 @@ class Checkpointer:
         if self._lock.held and self._newest_step is not None and step > self._newest_step:
             self._newest_step = int(step)
             return int(step)
-        newest = max(self.steps() + [h.step for h in self._pending], default=None)
+        newest = max(self.steps() + self._engine.pending_steps(), default=None)
         if newest is not None and step <= newest:
             raise CheckpointError(
                 f"cannot save step {step}: {self.directory} already holds step {newest}, and saving "
@@ -301,7 +217,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of committed checkpoints, oldest first (not verified: see restore())."""
-        return ckdir.committed_steps(self.directory)
+        return self._storage.steps()
 
     def latest_step(self) -> int | None:
         return max(self.steps(), default=None)
@@ -312,7 +228,10 @@ class Checkpointer:
         With step=None the newest checkpoint that verifies is used: one that fails
         verification is reported with a CheckpointFallbackWarning, moved aside to
         step-N.corrupt-<time>/ (when this Checkpointer may write), and the next older one
-        is tried. Returns None when the directory holds no checkpoint.
+        is tried. In a world of several ranks, every rank verifies what it reads and the
+        ranks move to an older step together: every rank returns the same step or raises
+        the same error. Returns None when the directory holds no checkpoint. Works on a
+        directory this process can only read.
 
         Raises:
             CheckpointError: the requested step fails verification, no checkpoint verifies,
@@ -322,16 +241,10 @@ class Checkpointer:
         """
         if not isinstance(objects, Mapping):
             raise ValueError("objects must be a mapping from the names used at save() to objects")
-        # A pipeline stage takes its slice of the plain-form state, before any tensor is read.
-        stages = partitioned.partitions_in(objects)
-        localizers = {key: functools.partial(partitioned.localize, kind, partition=p, optimizer=opt, key=key)
-                      for key, (kind, p, opt) in stages.items()}
-        found = self._load_newest_valid(step, list(objects), localizers)
+        found = self._load_agreed(step, objects)
         if found is None:
             return None
         loaded_step, values, rng_state = found
-        for key, obj in objects.items():  # every entry is checked before the first is loaded
-            check_loadable(key, obj, values[key])
         for key, obj in objects.items():
             load_object(key, obj, values[key])
         if rng and rng_state is not None:
@@ -340,57 +253,15 @@ class Checkpointer:
 
     def load(self, step: int | None = None) -> dict[str, Any]:
         """Returns a checkpoint as plain nested dicts of tensors and values (newest valid by default)."""
-        found = self._load_newest_valid(step, None)
+        found = self._load_agreed(step, None)
         if found is None:
             raise CheckpointError(f"{self.directory} holds no checkpoint")
         return found[1]
 
-    def _load_newest_valid(self, step: int | None, keys: Iterable[str] | None,
-                           localizers: Mapping[str, Callable[[Any], Any]] | None = None,
-                           ) -> tuple[int, dict[str, Any], Any] | None:
-        self.wait()
-        if step is not None:
-            if step not in self.steps():
-                raise CheckpointError(f"{self.directory} has no committed checkpoint for step {step}; "
-                                      f"it holds {self.steps()}")
-            return (step, *self._load_step(step, keys, localizers))
-        failures = []
-        for candidate in reversed(self.steps()):
-            try:
-                return (candidate, *self._load_step(candidate, keys, localizers))
-            except _MissingKeys:
-                raise
-            except CheckpointError as e:
-                moved = ""
-                if self._lock.held:
-                    moved = f"; moved aside to {ckdir.quarantine(self.directory, candidate).name}"
-                warnings.warn(f"checkpoint step {candidate} failed verification: {e}{moved}. Trying an older one.",
-                              CheckpointFallbackWarning, stacklevel=3)
-                failures.append(f"step {candidate}: {e}")
-        if failures:
-            raise CheckpointError(f"no checkpoint in {self.directory} verifies:\n  " + "\n  ".join(failures))
-        return None
-
-    def _load_step(self, step: int, keys: Iterable[str] | None,
-                   localizers: Mapping[str, Callable[[Any], Any]] | None = None) -> tuple[dict[str, Any], Any]:
-        path = ckdir.step_dir(self.directory, step)
-        sharded_doc = read_sharded_manifest(path)
-        if sharded_doc is not None:
-            opened = ShardedStep(path, sharded_doc, _distributed_rank() or 0, self._read_threads)
-            objects, rng_tree, read = opened.objects, opened.rng, opened.read
-        else:
-            manifest = read_manifest(path)
-            objects, rng_tree = _split_state(manifest)
-            read = functools.partial(read_tensors, manifest, threads=self._read_threads)
-        if keys is not None:
-            missing = [k for k in keys if k not in objects]
-            if missing:
-                raise _MissingKeys(f"checkpoint step {step} has no {missing}; it holds {sorted(objects)}")
-            objects = {k: objects[k] for k in keys}
-        if localizers:
-            objects = {k: localizers[k](v) if k in localizers else v for k, v in objects.items()}
-        tensors = read(tensor_names([objects, rng_tree]))
-        return decode(objects, tensors), decode(rng_tree, tensors)
+    def _load_agreed(self, step: int | None, objects: Mapping[str, Any] | None) -> tuple[int, dict, Any] | None:
+        self.wait()  # no save in flight: the commit thread leaves the checkpoint group to the restore
+        return load_agreed(self._storage, self._coordinator, step, objects, threads=self._read_threads,
+                           may_quarantine=self._lock.held)
 
     # ---------------------------------------------------------------------------- lifetime
 
@@ -399,13 +270,21 @@ class Checkpointer:
         if self._closed:
             return
         try:
-            self.wait()
+            self._guard.drain()
+            self._engine.close()
         finally:
             self._closed = True
             self._guard.close()
-            self._writer = None
             self._lock.release()
             _open_checkpointers.discard(self)
+
+    def __del__(self) -> None:
+        # A Checkpointer dropped without close() still finishes its saves and frees its lock.
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception as e:  # noqa: BLE001 - nothing can be raised from __del__
+                print(f"pyengine: a checkpoint save failed when its Checkpointer was dropped: {e}", file=sys.stderr)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -421,29 +300,12 @@ class Checkpointer:
         return f"Checkpointer({str(self.directory)!r}, keep_last={self.keep_last}, steps={self.steps()})"
 
 
+_LOCKED = "locked"  # another process holds the writer lock
+
+
 def _check_state(state: Any) -> None:
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
         raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
-
-
-class _MissingKeys(CheckpointError):
-    """A caller asked for keys the checkpoint lacks: not corruption, so no fallback."""
-
-
-def _distributed_rank() -> int | None:
-    """This process's rank in a torch.distributed world of more than one rank, else None."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank()
-    return None
-
-
-def _split_state(manifest: Manifest) -> tuple[dict[str, Any], Any]:
-    state = manifest.state
-    if not isinstance(state, dict) or not isinstance(state.get("objects"), dict):
-        raise CheckpointError(f"{manifest.directory}/manifest.json has no saved objects")
-    return state["objects"], state.get("rng")
 
 
 _open_checkpointers: weakref.WeakSet[Checkpointer] = weakref.WeakSet()

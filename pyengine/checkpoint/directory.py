@@ -79,6 +79,9 @@ class WriterLock:
         except BlockingIOError:
             os.close(fd)
             return False
+        except BaseException:
+            os.close(fd)  # never leak the descriptor, whatever flock raised
+            raise
         self._fd = fd
         return True
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from pyengine import durable
 from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint.dtypes import code_of_torch
-from pyengine.checkpoint.manifest import read_manifest, read_tensors
-from pyengine.checkpoint.sharded import ShardedStep, read_sharded_manifest
 from pyengine.checkpoint.state_codec import tensor_names
+from pyengine.checkpoint.step_reader import open_step
 from pyengine.errors import CheckpointError
 
 
@@ -40,17 +40,10 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
             raise CheckpointError(f"{root} holds no committed checkpoint")
         chosen = steps[-1] if step is None else step
         step_path = ckdir.step_dir(root, chosen)
-    doc = read_sharded_manifest(step_path)
-    if doc is not None:  # written by several ranks: shared tensors are reassembled from their pieces
-        sharded = ShardedStep(step_path, doc, rank=0, threads=4)
-        objects, read = sharded.objects, sharded.read
-    else:
-        manifest = read_manifest(step_path)
-        objects = manifest.state.get("objects", {}) if isinstance(manifest.state, dict) else {}
-        read = lambda names: read_tensors(manifest, names)  # noqa: E731
-    if key not in objects:
-        raise CheckpointError(f"{step_path} has no {key!r}; it holds {sorted(objects)}")
-    tensors = read(tensor_names(objects[key]))
+    opened = open_step(step_path, rank=0, threads=4)  # a sharded step's tensors come back whole
+    if key not in opened.objects:
+        raise CheckpointError(f"{step_path} has no {key!r}; it holds {sorted(opened.objects)}")
+    tensors = opened.read(tensor_names(opened.objects[key]))
     prefix = f"{key}/"
     weights = {name[len(prefix):]: t for name, t in tensors.items()}
     step_number = int(step_path.name.removeprefix("step-"))
@@ -75,13 +68,8 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: di
                 f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        durable.rename_durably(tmp, out, replace=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(out.parent if str(out.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return out

@@ -8,7 +8,6 @@ Every error is a CheckpointError that names the file.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -20,14 +19,13 @@ import torch
 
 from pyengine import _core
 from pyengine.checkpoint.dtypes import CODE_TO_TORCH, ITEMSIZE
+from pyengine.checkpoint.envelope import unseal
 from pyengine.errors import CheckpointError
 
 FORMAT = "pyengine.checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_FILE = re.compile(r"^shard-\d{5}-of-\d{5}\.safetensors$")
-_PREFIX = re.compile(rb'^\{"manifest_crc32c":"([0-9a-f]{8})","manifest":')
-_SUFFIX = b"}\n"
 
 
 @dataclass(frozen=True)
@@ -69,16 +67,7 @@ def read_manifest(directory: Path) -> Manifest:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the checkpoint was never committed") from None
-    match = _PREFIX.match(raw)
-    if match is None or not raw.endswith(_SUFFIX):
-        raise CheckpointError(f"{path} is not a pyengine manifest (garbage or truncated)")
-    body = raw[match.end():-len(_SUFFIX)]
-    if _core.crc32c(memoryview(body)) != int(match.group(1), 16):
-        raise CheckpointError(f"{path} fails its checksum: the manifest is corrupt")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    doc = unseal(raw, path)
     try:
         return _parse(directory, doc)
     except (KeyError, TypeError, ValueError) as e:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyengine import _core
 from pyengine.checkpoint.dtypes import code_of_torch
 
 MARKERS = frozenset({"__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__numpy__",
@@ -37,14 +38,16 @@ class NamedTensor:
     stable: bool = False
 
 
-def writer_source(name: str, t: torch.Tensor) -> tuple[tuple, bool]:
-    """A host tensor as the C++ writer takes it, (name, dtype code, shape, bytes), and whether those
-    bytes are a private copy (made here for a non-contiguous, conjugate or negative view), which
-    nothing else writes to, so an overlapped save may copy it later."""
+def writer_source(name: str, t: torch.Tensor) -> tuple[_core.WriteSource, bool]:
+    """A host tensor as the C++ writer takes it, and whether its bytes are a private copy (made
+    here for a non-contiguous, conjugate or negative view), which nothing else writes to, so an
+    overlapped save may copy it later. The WriteSource keeps the bytes alive; the writer keeps
+    the WriteSource until its copy is done."""
     private = not t.is_contiguous() or t.is_conj() or t.is_neg()
     if private:
         t = t.resolve_conj().resolve_neg().contiguous()
-    return (name, code_of_torch(t.dtype, name), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()), private
+    data = t.reshape(-1).view(torch.uint8).numpy()
+    return _core.WriteSource(name, code_of_torch(t.dtype, name), list(t.shape), data), private
 
 
 def storage_ptr(t: torch.Tensor) -> int:

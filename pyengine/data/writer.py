@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from pyengine import _core
+from pyengine import _core, durable
 from pyengine.data import format as fmt
 from pyengine.data.progress import Progress
 
@@ -162,13 +162,11 @@ class DatasetWriter:
                 os.fsync(f.fileno())
         if os.path.exists(self.path) and self._overwrite:
             shutil.rmtree(self.path)
-        os.rename(self._tmp, self.path)
         if self._durable:
-            fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            durable.fsync_dir(self._tmp)  # the shard files' and the manifest's entries
+            durable.rename_durably(self._tmp, self.path)
+        else:
+            os.rename(self._tmp, self.path)
 
     def abort(self) -> None:
         """Discards everything written so far."""

@@ -1,17 +1,15 @@
 #include "checkpoint/async_writer.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <random>
 
 #include "checkpoint/shard_writer.h"
 #include "common/crc32c.h"
 #include "common/errors.h"
 #include "common/file_io.h"
+#include "common/interruptible_wait.h"
 #include "common/json_writer.h"
 #include "common/parallel.h"
 
@@ -26,28 +24,6 @@ double seconds_since(Clock::time_point t0) {
 
 // Below this, fanning a copy out to threads costs more than it saves.
 constexpr uint64_t kParallelCopyMinBytes = uint64_t{8} << 20;
-
-std::string step_dir_name(uint64_t step) {
-  char buf[48];
-  std::snprintf(buf, sizeof(buf), "step-%08llu", static_cast<unsigned long long>(step));
-  return buf;
-}
-
-// "step-" followed only by digits: a committed checkpoint. Anything else is ignored.
-bool parse_committed_step(const std::string& name, uint64_t* step) {
-  if (name.size() <= 5 || name.compare(0, 5, "step-") != 0) return false;
-  for (size_t i = 5; i < name.size(); ++i)
-    if (name[i] < '0' || name[i] > '9') return false;
-  *step = std::stoull(name.substr(5));
-  return true;
-}
-
-std::string unique_suffix() {
-  static std::mt19937_64 rng{std::random_device{}()};
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%d-%016llx", static_cast<int>(getpid()), static_cast<unsigned long long>(rng()));
-  return buf;
-}
 
 std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const std::vector<uint32_t>& file_crcs,
                            const std::vector<uint32_t>& tensor_crcs,
@@ -82,12 +58,30 @@ std::string build_manifest(uint64_t step, const CheckpointLayout& layout, const 
   return prefix + m + "}\n";
 }
 
+// The part is all its directory holds: a leftover file (say a shard of an earlier, wider
+// layout) would otherwise sit beside the new manifest. Emptiness also makes every file of the
+// layout found there after a failure one that the failed save created.
+void check_empty_part_directory(const std::string& dir) {
+  std::vector<std::string> present;
+  try {
+    present = list_directory(dir);
+  } catch (const IoError& e) {
+    throw IoError(e.error_number(), dir,
+                  "cannot open checkpoint part directory (save() writes into one the caller created)");
+  }
+  if (!present.empty()) {
+    throw IoError(ENOTEMPTY, dir,
+                  "checkpoint part directory holds '" + present.front() +
+                      "'; save() writes only into a new, empty directory");
+  }
+}
+
 }  // namespace
 
 struct AsyncCheckpointWriter::Save {
   uint64_t id = 0;
   uint64_t step = 0;
-  std::string directory;  // where step-N is committed
+  std::string directory;  // where the part is written
   CheckpointLayout layout;
   std::vector<TensorSource> sources;
   size_t sync_count = 0;
@@ -137,7 +131,6 @@ void copy_into_staging(const CheckpointLayout& layout, const std::vector<TensorS
 
 AsyncCheckpointWriter::AsyncCheckpointWriter(WriterOptions options)
     : options_(std::move(options)), pool_(options_.staging_cap_bytes) {
-  if (options_.directory.empty()) throw InvalidArgument("checkpoint directory is empty");
   if (options_.max_in_flight == 0) throw InvalidArgument("max_in_flight must be at least 1");
   if (options_.max_shards == 0) throw InvalidArgument("max_shards must be at least 1");
 }
@@ -153,7 +146,8 @@ AsyncCheckpointWriter::~AsyncCheckpointWriter() {
 }
 
 uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> sources, std::string state_json,
-                                     size_t sync_count, const std::string& directory) {
+                                     size_t sync_count, const std::string& directory, const Poll& poll) {
+  if (directory.empty()) throw InvalidArgument("checkpoint part directory is empty");
   std::vector<TensorSpec> specs;
   specs.reserve(sources.size());
   for (const auto& s : sources) specs.push_back(s.spec);
@@ -163,7 +157,8 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
   {
     std::unique_lock<std::mutex> lock(mu_);
     rethrow_unreported_locked();
-    changed_.wait(lock, [&] { return in_flight_ < options_.max_in_flight; });
+    // An interrupted wait leaves here holding nothing.
+    wait_polling(changed_, lock, [&] { return in_flight_ < options_.max_in_flight; }, poll);
     rethrow_unreported_locked();  // the save we waited for may have failed
     forget_finished_locked();
     save->id = next_id_++;
@@ -171,42 +166,50 @@ uint64_t AsyncCheckpointWriter::save(uint64_t step, std::vector<TensorSource> so
   }
   try {
     save->step = step;
-    save->directory = directory.empty() ? options_.directory : directory;
+    save->directory = directory;
     save->started = Clock::now();
     save->stats.step = step;
     save->stats.bytes = layout.total_data_bytes;
-    save->stats.path = join_path(save->directory, step_dir_name(step));
+    save->stats.path = directory;
     save->sync_count = std::min(sync_count, sources.size());
-    save->staging = std::make_unique<StagingLease>(pool_, layout.staging_bytes);
+    save->staging = std::make_unique<StagingLease>(pool_, layout.staging_bytes, poll);
     save->tensor_crcs.assign(sources.size(), 0);
     copy_into_staging(layout, sources, 0, save->sync_count, save->staging->data(), options_.copy_threads,
                       save->tensor_crcs.data());
+    save->layout = std::move(layout);
+    save->state_json = std::move(state_json);
+    if (save->sync_count < sources.size()) {
+      save->sources = std::move(sources);
+    } else {
+      // Everything is staged already: a blocking save reports its snapshot done on return.
+      save->stats.snapshot_done = true;
+      save->stats.snapshot_seconds = seconds_since(save->started);
+    }
+    start_pipeline(save);
   } catch (...) {
+    // Nothing was started: give the slot back (the staging lease goes with `save`).
     std::lock_guard<std::mutex> lock(mu_);
     --in_flight_;
     changed_.notify_all();
     throw;
   }
-  save->layout = std::move(layout);
-  save->state_json = std::move(state_json);
-  if (save->sync_count < sources.size()) {
-    save->sources = std::move(sources);
-  } else {
-    // Everything is staged already: a blocking save reports its snapshot done on return.
-    save->stats.snapshot_done = true;
-    save->stats.snapshot_seconds = seconds_since(save->started);
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    saves_[save->id] = save;
-    save->thread = std::thread([this, save] { run_pipeline(save); });
-  }
   return save->id;
 }
 
-uint64_t AsyncCheckpointWriter::reserve(const std::vector<TensorSpec>& specs) {
+void AsyncCheckpointWriter::start_pipeline(const std::shared_ptr<Save>& save) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto listed = saves_.emplace(save->id, save).first;
+  try {
+    save->thread = std::thread([this, save] { run_pipeline(save); });
+  } catch (...) {
+    saves_.erase(listed);  // only saves whose thread runs are listed: those always finish
+    throw;
+  }
+}
+
+uint64_t AsyncCheckpointWriter::reserve(const std::vector<TensorSpec>& specs, const Poll& poll) {
   CheckpointLayout layout = plan_layout(specs, options_.max_shards);
-  { StagingLease lease(pool_, layout.staging_bytes); }  // released to the pool, which keeps it
+  { StagingLease lease(pool_, layout.staging_bytes, poll); }  // released to the pool, which keeps it
   return pool_.allocated_bytes();
 }
 
@@ -252,50 +255,29 @@ void AsyncCheckpointWriter::run_pipeline(const std::shared_ptr<Save>& save) {
 }
 
 void AsyncCheckpointWriter::persist(Save& save) {
-  const std::string final_dir = save.stats.path;
-  const std::string tmp_dir = final_dir + ".tmp-" + unique_suffix();
-  make_directory(tmp_dir);
+  const std::string& dir = save.directory;
+  const CheckpointLayout& layout = save.layout;
+  check_empty_part_directory(dir);
+  std::vector<std::string> files;
+  for (const ShardPlan& plan : layout.shards) files.push_back(join_path(dir, plan.file_name));
+  files.push_back(join_path(dir, "manifest.json"));
   try {
-    const CheckpointLayout& layout = save.layout;
     std::vector<uint32_t> file_crcs(layout.shards.size());
     size_t writers = std::min(layout.shards.size(), std::max<size_t>(1, options_.max_shards));
     parallel_for(writers, "pe-ckpt-write", [&](size_t w) {
       for (size_t s = w; s < layout.shards.size(); s += writers)
-        file_crcs[s] = write_shard(join_path(tmp_dir, layout.shards[s].file_name), layout, s, save.staging->data(),
-                                 save.tensor_crcs);
+        file_crcs[s] = write_shard(files[s], layout, s, save.staging->data(), save.tensor_crcs);
     });
     std::string manifest = build_manifest(save.step, layout, file_crcs, save.tensor_crcs, save.state_json);
-    File mf(join_path(tmp_dir, "manifest.json"), File::Mode::kCreateNew);
+    File mf(files.back(), File::Mode::kCreateNew);
     mf.write_all(manifest.data(), manifest.size());
     mf.sync();
     mf.close();
-    sync_directory(tmp_dir);
-    // rename(2) refuses to replace a non-empty directory, so an existing step is never overwritten.
-    rename_path(tmp_dir, final_dir);
+    sync_directory(dir);
   } catch (...) {
-    remove_tree_quietly(tmp_dir);
+    for (const std::string& f : files) remove_file_quietly(f);
     throw;
   }
-  sync_directory(save.directory);
-  if (options_.keep_last > 0 && save.directory == options_.directory) prune();
-}
-
-void AsyncCheckpointWriter::prune() {
-  std::vector<uint64_t> steps;
-  for (const auto& name : list_directory(options_.directory)) {
-    uint64_t step;
-    if (parse_committed_step(name, &step)) steps.push_back(step);
-  }
-  if (steps.size() <= options_.keep_last) return;
-  std::sort(steps.begin(), steps.end(), std::greater<uint64_t>());
-  for (size_t i = options_.keep_last; i < steps.size(); ++i) {
-    // Rename first (atomic) so a crash mid-delete leaves a temp dir, never a torn checkpoint.
-    std::string dir = join_path(options_.directory, step_dir_name(steps[i]));
-    std::string doomed = dir + ".tmp-prune-" + unique_suffix();
-    rename_path(dir, doomed);
-    remove_tree_quietly(doomed);
-  }
-  sync_directory(options_.directory);
 }
 
 std::shared_ptr<AsyncCheckpointWriter::Save> AsyncCheckpointWriter::find(uint64_t id) {
@@ -303,28 +285,34 @@ std::shared_ptr<AsyncCheckpointWriter::Save> AsyncCheckpointWriter::find(uint64_
   return it == saves_.end() ? nullptr : it->second;
 }
 
-void AsyncCheckpointWriter::wait_snapshot(uint64_t id) {
+void AsyncCheckpointWriter::wait_snapshot(uint64_t id, const Poll& poll) {
   std::unique_lock<std::mutex> lock(mu_);
   auto save = find(id);
   if (!save) return;  // long finished and forgotten
-  changed_.wait(lock, [&] { return save->stats.snapshot_done; });
+  wait_polling(changed_, lock, [&] { return save->stats.snapshot_done; }, poll);
 }
 
-void AsyncCheckpointWriter::wait(uint64_t id) {
+void AsyncCheckpointWriter::wait(uint64_t id, const Poll& poll) {
   std::unique_lock<std::mutex> lock(mu_);
   auto save = find(id);
   if (!save) return;
-  changed_.wait(lock, [&] { return save->stats.done; });
+  wait_polling(changed_, lock, [&] { return save->stats.done; }, poll);
   if (save->error && !save->error_reported) {
     save->error_reported = true;
     std::rethrow_exception(save->error);
   }
 }
 
-void AsyncCheckpointWriter::wait_all() {
+void AsyncCheckpointWriter::wait_all(const Poll& poll) {
   std::unique_lock<std::mutex> lock(mu_);
-  changed_.wait(lock, [&] { return in_flight_ == 0; });
+  wait_polling(changed_, lock, [&] { return in_flight_ == 0; }, poll);
   rethrow_unreported_locked();
+}
+
+bool AsyncCheckpointWriter::snapshot_done(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto save = find(id);
+  return !save || save->stats.snapshot_done;
 }
 
 SaveStats AsyncCheckpointWriter::stats(uint64_t id) {

@@ -1,18 +1,29 @@
-// The asynchronous checkpoint pipeline: snapshot -> persist -> commit -> prune.
+// The asynchronous checkpoint pipeline: snapshot -> persist one part into a given directory.
+//
+// The writer writes a *part*: shard files and manifest.json, in today's format, straight into
+// a directory that the caller created empty. Naming, committing (rename), pruning and the
+// coordination of ranks belong to the caller (pyengine/checkpoint), which renames the part's
+// directory into place only after wait() returned for it.
 //
 // Concurrency contract:
-// - save() is called by one thread (the training loop). It waits for a free in-flight slot
-//   (at most max_in_flight saves are unfinished), copies the first `sync_count` sources
-//   into a staging block, starts the save's pipeline thread and returns. The remaining
-//   sources are copied by that thread; the caller must keep every source buffer alive and
-//   unchanged until wait_snapshot() returns for that save.
-// - The pipeline thread writes shards on parallel writer threads, fsyncs each, writes
-//   manifest.json last, renames step-N.tmp-<id> to step-N, fsyncs the directory, then
-//   removes committed checkpoints beyond keep_last. A failed save removes its temp dir and
-//   never commits; committed checkpoints are never touched except by pruning after a
-//   newer commit.
-// - A pipeline error is kept and rethrown once: by wait() on that save, or else by the
-//   next save() / wait_all(). Background threads never touch Python objects.
+// - save(), reserve() and the waits are called by one thread (the training loop). save()
+//   waits for a free in-flight slot (at most max_in_flight saves are unfinished), copies the
+//   first `sync_count` sources into a staging block, starts the save's pipeline thread and
+//   returns. That thread copies the remaining sources; every source buffer must stay alive
+//   and unchanged until wait_snapshot() returns for the save (the Python binding holds them).
+// - The pipeline thread checks that the directory exists and is empty (else the save fails),
+//   writes the shards on parallel writer threads, fsyncs each, writes manifest.json last, and
+//   fsyncs it and the directory; nothing is renamed and the parent is not fsynced. A failed
+//   save removes its own files from the directory (never the directory itself, nor what was
+//   there before) and keeps the error.
+// - A pipeline error is kept and rethrown once: by wait() on that save, or else by the next
+//   save() / wait_all().
+// - Every wait (in-flight slot, staging cap, wait_snapshot, wait, wait_all) takes a Poll
+//   (common/interruptible_wait.h): when it throws, the waiting call ends with that exception
+//   and nothing of its own half-done (save() then holds no slot and no staging, and has started
+//   nothing), while saves already started go on and finish, durable or failed, as before.
+// - Background threads never call the poll; the core never touches Python objects.
+// - The destructor waits for every save in flight (its errors are dropped there).
 #pragma once
 
 #include <condition_variable>
@@ -27,16 +38,15 @@
 
 #include "checkpoint/shard_layout.h"
 #include "checkpoint/staging_pool.h"
+#include "common/interruptible_wait.h"
 
 namespace pe {
 
 struct WriterOptions {
-  std::string directory;
   size_t max_shards = 4;
   size_t copy_threads = 2;
   size_t max_in_flight = 1;
   uint64_t staging_cap_bytes = 0;  // 0: no cap
-  size_t keep_last = 0;            // 0: keep every checkpoint
   // Added to the nice value of the background threads (overlapped copy, CRC, writes), so that
   // on a host whose cores all train they run in the gaps instead of preempting training threads.
   int background_nice = 0;
@@ -51,11 +61,11 @@ struct SaveStats {
   uint64_t step = 0;
   uint64_t bytes = 0;
   double snapshot_seconds = 0;  // until every byte was staged
-  double persist_seconds = 0;   // from save() to durable commit
+  double persist_seconds = 0;   // from save() to the part being durable
   bool snapshot_done = false;
   bool done = false;
   bool failed = false;
-  std::string path;
+  std::string path;  // the directory the part is written into
 };
 
 class AsyncCheckpointWriter {
@@ -66,26 +76,29 @@ class AsyncCheckpointWriter {
   AsyncCheckpointWriter& operator=(const AsyncCheckpointWriter&) = delete;
 
   // Blocks for an in-flight slot and for copying sources[0, sync_count). Returns a save id.
-  // `directory` (default: the writer's own) is where step-N is committed; a distributed save
-  // commits each rank's part into a new temp tree, and reuses this writer's staging for it.
-  // keep_last prunes only the writer's own directory.
+  // The part is written into `directory`, which must exist and be empty by the time the
+  // pipeline starts writing (a distributed save gives each rank's part its own directory).
   uint64_t save(uint64_t step, std::vector<TensorSource> sources, std::string state_json, size_t sync_count,
-                const std::string& directory = std::string());
+                const std::string& directory, const Poll& poll = Poll());
   // Allocates (and touches) the staging memory a save of these tensors needs, so that the first
   // save() does not pay for it. Returns the staging bytes now held by the pool.
-  uint64_t reserve(const std::vector<TensorSpec>& specs);
-  void wait_snapshot(uint64_t id);
-  void wait(uint64_t id);
-  void wait_all();
+  uint64_t reserve(const std::vector<TensorSpec>& specs, const Poll& poll = Poll());
+  void wait_snapshot(uint64_t id, const Poll& poll = Poll());
+  void wait(uint64_t id, const Poll& poll = Poll());
+  void wait_all(const Poll& poll = Poll());
+  // True once save `id` no longer reads its sources: every byte staged, or the copy failed.
+  // Also true for an id unknown here (long finished and forgotten).
+  bool snapshot_done(uint64_t id);
   SaveStats stats(uint64_t id);
   uint64_t staging_bytes() const { return pool_.allocated_bytes(); }
   const WriterOptions& options() const { return options_; }
 
  private:
   struct Save;
+  // Lists the save and starts its thread; when it throws, neither happened.
+  void start_pipeline(const std::shared_ptr<Save>& save);
   void run_pipeline(const std::shared_ptr<Save>& save);
   void persist(Save& save);
-  void prune();
   std::shared_ptr<Save> find(uint64_t id);
   void rethrow_unreported_locked();
   void forget_finished_locked();

@@ -26,40 +26,43 @@ StagingPool::~StagingPool() {
   for (auto& b : blocks_) munmap(b->data, b->capacity);
 }
 
-StagingPool::Block* StagingPool::acquire(uint64_t bytes) {
+StagingPool::Block* StagingPool::acquire(uint64_t bytes, const Poll& poll) {
   bytes = round_up(std::max<uint64_t>(bytes, 1), kPage);
   if (cap_bytes_ != 0 && bytes > cap_bytes_) {
     throw InvalidArgument("checkpoint needs " + std::to_string(bytes) + " bytes of staging memory but the cap is " +
                           std::to_string(cap_bytes_) + "; raise staging_cap_bytes");
   }
   std::unique_lock<std::mutex> lock(mu_);
-  for (;;) {
-    // Best fit among free blocks: the smallest that is large enough.
-    Block* best = nullptr;
-    for (auto& b : blocks_)
-      if (!b->in_use && b->capacity >= bytes && (best == nullptr || b->capacity < best->capacity)) best = b.get();
-    if (best != nullptr) {
-      best->in_use = true;
-      return best;
-    }
-    // Free blocks that are too small are dropped to make room for one that fits.
-    if (cap_bytes_ != 0 && allocated_ + bytes > cap_bytes_) {
-      for (size_t i = 0; i < blocks_.size();) {
-        if (!blocks_[i]->in_use) {
-          free_block_locked(blocks_[i].get());
-          blocks_.erase(blocks_.begin() + static_cast<long>(i));
-        } else {
-          ++i;
-        }
+  Block* block = nullptr;
+  wait_polling(released_, lock, [&] { return (block = try_acquire_locked(bytes)) != nullptr; }, poll);
+  return block;
+}
+
+// A block of at least `bytes` marked in use, or nullptr while the cap leaves no room for one.
+StagingPool::Block* StagingPool::try_acquire_locked(uint64_t bytes) {
+  // Best fit among free blocks: the smallest that is large enough.
+  Block* best = nullptr;
+  for (auto& b : blocks_)
+    if (!b->in_use && b->capacity >= bytes && (best == nullptr || b->capacity < best->capacity)) best = b.get();
+  if (best != nullptr) {
+    best->in_use = true;
+    return best;
+  }
+  // Free blocks that are too small are dropped to make room for one that fits.
+  if (cap_bytes_ != 0 && allocated_ + bytes > cap_bytes_) {
+    for (size_t i = 0; i < blocks_.size();) {
+      if (!blocks_[i]->in_use) {
+        free_block_locked(blocks_[i].get());
+        blocks_.erase(blocks_.begin() + static_cast<long>(i));
+      } else {
+        ++i;
       }
     }
-    if (cap_bytes_ == 0 || allocated_ + bytes <= cap_bytes_) {
-      Block* b = allocate_locked(bytes);
-      b->in_use = true;
-      return b;
-    }
-    released_.wait(lock);
   }
+  if (cap_bytes_ != 0 && allocated_ + bytes > cap_bytes_) return nullptr;
+  Block* b = allocate_locked(bytes);
+  b->in_use = true;
+  return b;
 }
 
 void StagingPool::release(Block* block) {

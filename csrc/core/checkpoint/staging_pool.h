@@ -3,7 +3,8 @@
 // A fresh allocation of a few hundred MB costs more in first-touch page faults than the
 // copy itself, so blocks are allocated and touched once, then reused by later saves.
 // Concurrency: any thread may acquire/release. acquire() blocks while the memory cap is
-// reached and every block is in use (back-pressure), so memory never grows without bound.
+// reached and every block is in use (back-pressure), so memory never grows without bound;
+// its poll (see common/interruptible_wait.h) may abandon that wait, acquiring nothing.
 #pragma once
 
 #include <condition_variable>
@@ -11,6 +12,8 @@
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#include "common/interruptible_wait.h"
 
 namespace pe {
 
@@ -30,13 +33,14 @@ class StagingPool {
 
   // Returns a block of at least `bytes`, reusing a free one when possible. Throws
   // InvalidArgument when `bytes` exceeds the cap (it could never be satisfied).
-  Block* acquire(uint64_t bytes);
+  Block* acquire(uint64_t bytes, const Poll& poll = Poll());
   void release(Block* block);
 
   uint64_t allocated_bytes() const;
   uint64_t cap_bytes() const { return cap_bytes_; }
 
  private:
+  Block* try_acquire_locked(uint64_t bytes);
   Block* allocate_locked(uint64_t bytes);
   void free_block_locked(Block* block);
 
@@ -50,7 +54,8 @@ class StagingPool {
 // RAII lease of a staging block.
 class StagingLease {
  public:
-  StagingLease(StagingPool& pool, uint64_t bytes) : pool_(&pool), block_(pool.acquire(bytes)) {}
+  StagingLease(StagingPool& pool, uint64_t bytes, const Poll& poll = Poll())
+      : pool_(&pool), block_(pool.acquire(bytes, poll)) {}
   ~StagingLease() {
     if (block_ != nullptr) pool_->release(block_);
   }

@@ -106,6 +106,8 @@ void remove_tree_quietly(const std::string& path) {
   std::filesystem::remove_all(path, ec);
 }
 
+void remove_file_quietly(const std::string& path) { ::unlink(path.c_str()); }
+
 std::vector<std::string> list_directory(const std::string& dir) {
   std::vector<std::string> names;
   DIR* d = ::opendir(dir.c_str());

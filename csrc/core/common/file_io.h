@@ -45,6 +45,8 @@ void make_directory(const std::string& dir);
 void rename_path(const std::string& from, const std::string& to);
 // Removes a directory tree; errors are ignored (best effort cleanup of our own temp files).
 void remove_tree_quietly(const std::string& path);
+// Removes one file; errors (it may never have been created) are ignored.
+void remove_file_quietly(const std::string& path);
 std::vector<std::string> list_directory(const std::string& dir);
 std::string join_path(const std::string& a, const std::string& b);
 
