@@ -152,16 +152,19 @@ def scenario_faults(out: Path) -> dict:
     rank = pe.distributed.rank()
     report = {}
     model = pe.distributed.DataParallel().wrap(make_model())
-    plans = [(op, 1) for op in ("write_part", "finish_part", "sync_dir")] + \
-            [(op, 0) for op in ("write_manifest", "sync_dir", "rename", "prune")]
-    assert {op for op, _ in plans} == set(OPERATIONS)
-    for op, faulty_rank in plans:
-        root = out / f"faults-{op}-{faulty_rank}"
+    # (operation, rank, calls let through first): rank 0's first two directory syncs are its own
+    # part's; the third follows the top manifest, the fourth the rename (which is then undone).
+    plans = [(op, 1, 0) for op in ("write_part", "finish_part", "sync_dir")] + \
+            [(op, 0, 0) for op in ("write_manifest", "rename", "prune")] + \
+            [("sync_dir", 0, skip) for skip in (0, 2, 3)]
+    assert {op for op, _, _ in plans} == set(OPERATIONS)
+    for op, faulty_rank, skip in plans:
+        root = out / f"faults-{op}-{faulty_rank}-{skip}"
         with pe.Checkpointer(root, keep_last=2, capture_rng=False) as ckpt:
             ckpt.save(1, state(model, 1)).wait()
             ckpt.save(2, state(model, 2)).wait()
             if rank == faulty_rank:
-                inject(ckpt, FaultyStorage(root, op))
+                inject(ckpt, FaultyStorage(root, op, skip=skip))
             outcome = "committed"
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -185,7 +188,7 @@ def scenario_faults(out: Path) -> dict:
                 assert ckpt.restore({"extra": extra}) == 2 and float(extra["t"][0]) == 100 * rank + 2
             ckpt.save(4, state(model, 4)).wait()
             assert ckpt.steps()[-1] == 4
-        report[f"{op}@rank{faulty_rank}"] = outcome[:200]
+        report[f"{op}@rank{faulty_rank}+{skip}"] = outcome[:200]
     return report
 
 

@@ -15,18 +15,23 @@ OPERATIONS = ("write_part", "finish_part", "write_manifest", "sync_dir", "rename
 
 
 class FaultyStorage(FileSystemStorage):
-    """Raises OSError(EIO) the first `times` times `fail_at` runs (finish_part: after the part
-    is on disk, as a failed fsync would)."""
+    """Raises OSError(EIO) once `fail_at` has run `skip` times, `times` times in a row
+    (finish_part: after the part is on disk, as a failed fsync would)."""
 
-    def __init__(self, root: Path, fail_at: str, times: int = 1) -> None:
+    def __init__(self, root: Path, fail_at: str, times: int = 1, skip: int = 0) -> None:
         super().__init__(root)
         if fail_at not in OPERATIONS:
             raise ValueError(f"unknown operation {fail_at!r}; one of {OPERATIONS}")
         self.fail_at = fail_at
         self.left = times
+        self.skip = skip
 
     def _fault(self, operation: str) -> None:
-        if operation == self.fail_at and self.left > 0:
+        if operation != self.fail_at:
+            return
+        if self.skip > 0:
+            self.skip -= 1
+        elif self.left > 0:
             self.left -= 1
             raise OSError(errno.EIO, f"injected failure in {operation}")
 

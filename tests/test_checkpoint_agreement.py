@@ -50,8 +50,8 @@ def test_a_trainer_resumed_after_damage_ends_with_the_uninterrupted_weights(agre
 def test_a_storage_failure_on_one_rank_fails_the_save_on_every_rank(agreed: list[dict]) -> None:
     faults = agreed[0]["faults"]
     assert faults == agreed[1]["faults"]  # the same outcome, word for word, on both ranks
-    assert faults.pop("prune@rank0") == "committed"
-    assert len(faults) == 6 and all("injected failure" in v for v in faults.values()), faults
+    assert faults.pop("prune@rank0+0") == "committed"
+    assert len(faults) == 8 and all("injected failure" in v for v in faults.values()), faults
 
 
 def test_ctrl_c_on_both_ranks_interrupts_a_stalled_save_and_tears_nothing(agreed: list[dict]) -> None:
