@@ -9,7 +9,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'read_shards', 'verify_file']
+__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'read_shards', 'verify_file']
 class WriteSource:
     """
     One tensor to save: its name, safetensors dtype, shape and a 1-D contiguous buffer of its bytes. Holds the buffer (and its exporter) for its whole life.
@@ -64,6 +64,67 @@ class AsyncCheckpointWriter:
         """
     @property
     def staging_bytes(self) -> int:
+        ...
+class TensorExtent:
+    """
+    Where one tensor lies in its shard (absolute offset, size) and its CRC32C, as the manifest records them.
+    """
+    def __init__(self, offset: typing.SupportsInt | typing.SupportsIndex, nbytes: typing.SupportsInt | typing.SupportsIndex, crc32c: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def offset(self) -> int:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
+    @property
+    def crc32c(self) -> int:
+        ...
+class TensorRead:
+    """
+    One tensor to read: its name, absolute offset and size in the shard, its CRC32C and the writable 1-D contiguous buffer it is read into. Holds the buffer (and its exporter) for its whole life.
+    """
+    def __init__(self, name: str, offset: typing.SupportsInt | typing.SupportsIndex, nbytes: typing.SupportsInt | typing.SupportsIndex, crc32c: typing.SupportsInt | typing.SupportsIndex, into: typing_extensions.Buffer) -> None:
+        """
+        Requests `into`'s buffer for writing now; raises ValueError unless it is one-dimensional, contiguous and exactly `nbytes` long.
+        """
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def offset(self) -> int:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
+    @property
+    def crc32c(self) -> int:
+        ...
+class ShardRead:
+    """
+    The tensors to read from one shard file, with the manifest's size, header size and CRC32C of the file. Holds its TensorReads (and so their buffers) for its whole life.
+    """
+    def __init__(self, path: str, file_bytes: typing.SupportsInt | typing.SupportsIndex, header_bytes: typing.SupportsInt | typing.SupportsIndex, crc32c: typing.SupportsInt | typing.SupportsIndex, tensors: list[TensorRead], extents: list[TensorExtent] = []) -> None:
+        """
+        `extents`, every tensor of the shard, lets a read of only some of them still check the header. Raises TypeError for items that are not TensorRead / TensorExtent objects.
+        """
+    @property
+    def path(self) -> str:
+        ...
+    @property
+    def file_bytes(self) -> int:
+        ...
+    @property
+    def header_bytes(self) -> int:
+        ...
+    @property
+    def crc32c(self) -> int:
+        ...
+    @property
+    def tensors(self) -> list[TensorRead]:
+        ...
+    @property
+    def extents(self) -> list[TensorExtent]:
         ...
 class MmapDataset:
     """
@@ -172,9 +233,9 @@ def crc32c_portable(arg0: typing_extensions.Buffer) -> int:
     """
     CRC32C by the table implementation (for tests of the hardware path).
     """
-def read_shards(shards: list, threads: typing.SupportsInt | typing.SupportsIndex = 4) -> None:
+def read_shards(shards: list[ShardRead], threads: typing.SupportsInt | typing.SupportsIndex = 4) -> None:
     """
-    Reads and verifies tensors into destination buffers, shards in parallel. With each shard's extents (every tensor's offset, size and CRC32C), a partial read checks the header too. Releases the GIL.
+    Reads and verifies tensors into their TensorRead buffers, up to `threads` shards in parallel. A shard with extents checks its header even when only some tensors are read. Blocks (GIL released). Raises TypeError for items that are not ShardRead objects.
     """
 def verify_file(path: str, file_bytes: typing.SupportsInt | typing.SupportsIndex, file_crc32c: typing.SupportsInt | typing.SupportsIndex) -> None:
     """

@@ -223,6 +223,34 @@ def scenario_sigint(out: Path) -> dict:
     return {"latency": latency, "steps": steps}
 
 
+def scenario_in_flight(out: Path) -> dict:
+    """max_in_flight=3 on 2 ranks, overlapped saves on a slow file system: up to three saves are
+    unfinished at once (never more), they commit in order, and the newest restores exactly."""
+    model = pe.distributed.DataParallel().wrap(make_model())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(pe.distributed.rank())), torch.zeros(16, 2)
+    root = out / "in-flight"
+    unfinished = []
+    with pe.Checkpointer(root, keep_last=2, max_in_flight=3, capture_rng=False) as ckpt:
+        inject(ckpt, SlowStorage(root, seconds=0.3))
+        handles = []
+        for step in range(1, 9):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()  # waits for the previous overlapped copy
+            handles.append(ckpt.save(step, {"model": model, "optimizer": opt}, overlap=True))
+            unfinished.append(sum(not h.done() for h in handles))
+        expected = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        ckpt.wait()
+        assert ckpt.steps() == [7, 8], ckpt.steps()
+    assert max(unfinished) == 3, unfinished
+    fresh = make_model()
+    with pe.Checkpointer(root) as ckpt:
+        assert ckpt.restore({"model": fresh}) == 8
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
+    return {"unfinished": unfinished}
+
+
 class DyingStorage(FileSystemStorage):
     """Rank 1 dies (SIGKILL) while it reads its part during a restore."""
 
@@ -259,6 +287,7 @@ def main() -> None:
     report = {kind: scenario_damage(out, kind) for kind in DAMAGES}
     report["faults"] = scenario_faults(out)
     report["sigint"] = scenario_sigint(out)
+    report["in_flight"] = scenario_in_flight(out)
     report["trainer"] = scenario_trainer_after_damage(out)
     (out / f"{scenario}-rank{pe.distributed.rank()}.json").write_text(json.dumps(report, indent=1))
     dist.barrier()

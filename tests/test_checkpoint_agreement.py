@@ -6,6 +6,7 @@
 - The faulty-storage matrix: a failure at any storage operation, on either rank, is raised by
   wait() on every rank with nothing committed; a prune failure only warns.
 - Ctrl-C on both ranks during a stalled save: KeyboardInterrupt within a second, nothing torn.
+- max_in_flight=3 with overlapped saves on 2 ranks: three unfinished at once, never more.
 - A rank killed during a restore makes the other fail with an error instead of waiting forever.
 """
 
@@ -56,6 +57,10 @@ def test_a_storage_failure_on_one_rank_fails_the_save_on_every_rank(agreed: list
 
 def test_ctrl_c_on_both_ranks_interrupts_a_stalled_save_and_tears_nothing(agreed: list[dict]) -> None:
     assert all(r["sigint"]["latency"] < 1.0 and r["sigint"]["steps"] == [1, 2] for r in agreed)
+
+
+def test_three_saves_in_flight_on_two_ranks_commit_in_order(agreed: list[dict]) -> None:
+    assert all(max(r["in_flight"]["unfinished"]) == 3 for r in agreed)
 
 
 def free_port() -> int:

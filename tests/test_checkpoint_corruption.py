@@ -275,11 +275,12 @@ def test_core_reader_refuses_an_offset_past_the_file_before_reading(
     bad_dst = np.full(16, sentinel, dtype=np.uint8)
     offset = min(real_size - 16 + offset_past_end, (1 << 64) - 1)
     reads = [
-        ("weights", good["offset"], good["nbytes"], good["crc32c"], good_dst),
-        ("bad", offset, 16, 0, bad_dst),
+        _core.TensorRead("weights", good["offset"], good["nbytes"], good["crc32c"], good_dst),
+        _core.TensorRead("bad", offset, 16, 0, bad_dst),
     ]
     with pytest.raises(pe.CheckpointError) as info:
-        _core.read_shards([(str(path), shard["bytes"], shard["header_bytes"], shard["crc32c"], reads)], 1)
+        _core.read_shards(
+            [_core.ShardRead(str(path), shard["bytes"], shard["header_bytes"], shard["crc32c"], reads)], 1)
     assert str(path) in str(info.value)
     assert "'bad'" in str(info.value)
     # Every range is checked before the first read: not even the valid tensor was read.
@@ -291,9 +292,9 @@ def test_core_reader_checks_the_real_file_size(two_checkpoints: Path) -> None:
     path, shard, good = shard_of(two_checkpoints, 2, "weights")
     dst = np.full(good["nbytes"], 0xA5, dtype=np.uint8)
     claimed = shard["bytes"] + 64  # a manifest that claims a longer file than the one on disk
-    reads = [("weights", claimed - good["nbytes"], good["nbytes"], good["crc32c"], dst)]
+    reads = [_core.TensorRead("weights", claimed - good["nbytes"], good["nbytes"], good["crc32c"], dst)]
     with pytest.raises(pe.CheckpointError, match="truncated") as info:
-        _core.read_shards([(str(path), claimed, shard["header_bytes"], shard["crc32c"], reads)], 1)
+        _core.read_shards([_core.ShardRead(str(path), claimed, shard["header_bytes"], shard["crc32c"], reads)], 1)
     assert str(path) in str(info.value)
     assert np.all(dst == 0xA5)
 
@@ -302,8 +303,8 @@ def test_core_reader_reads_an_intact_shard(two_checkpoints: Path) -> None:
     # The control for the refusals above: the same call with the manifest's values succeeds.
     path, shard, good = shard_of(two_checkpoints, 2, "weights")
     dst = np.zeros(good["nbytes"], dtype=np.uint8)
-    reads = [("weights", good["offset"], good["nbytes"], good["crc32c"], dst)]
-    _core.read_shards([(str(path), shard["bytes"], shard["header_bytes"], shard["crc32c"], reads)], 1)
+    reads = [_core.TensorRead("weights", good["offset"], good["nbytes"], good["crc32c"], dst)]
+    _core.read_shards([_core.ShardRead(str(path), shard["bytes"], shard["header_bytes"], shard["crc32c"], reads)], 1)
     assert torch.equal(torch.from_numpy(dst).view(torch.float32), make_state(2)["weights"])
 
 

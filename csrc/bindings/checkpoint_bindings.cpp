@@ -1,6 +1,6 @@
-// Bindings for the checkpoint engine. Tensors cross as WriteSource objects over 1-D byte
-// buffers (the Python layer passes `tensor.view(torch.uint8).numpy()`), so the core never
-// sees torch. Every call that copies, writes, reads or waits releases the GIL; the writer's
+// Bindings for the checkpoint engine. Tensors cross as WriteSource (save) and TensorRead (restore)
+// objects over 1-D byte buffers (the Python layer passes `tensor.view(torch.uint8).numpy()`), so the
+// core never sees torch. Every call that copies, writes, reads or waits releases the GIL; the writer's
 // waits do so in slices and check for signals between them, so Ctrl-C interrupts them.
 //
 // Lifetimes are owned here, at the boundary: a save's WriteSources (and so their buffers)
@@ -74,6 +74,71 @@ std::vector<TensorSource> sources_of(const SourceList& sources, std::vector<py::
   }
   return out;
 }
+
+// The read bindings once took plain tuples; a caller still passing them (or anything else) gets
+// a TypeError that names the class to build instead, rather than pybind11's cast error.
+template <typename T>
+const T& expect(const py::handle& item, const std::string& what, const std::string& replacement) {
+  if (!py::isinstance<T>(item))
+    throw py::type_error(what + " must be " + replacement.substr(0, replacement.find('(')) + " objects, got " +
+                         std::string(py::str(py::type::handle_of(item).attr("__name__"))) + "; build each as " +
+                         replacement);
+  return item.cast<const T&>();
+}
+
+// One tensor to read. Holds its writable buffer request (Py_buffer, which references the
+// exporter) for its whole life, as WriteSource does, so its destination pointer stays valid and
+// the exporter cannot resize it while anything references the TensorRead.
+class PyTensorRead {
+ public:
+  PyTensorRead(std::string name, uint64_t offset, uint64_t nbytes, uint32_t crc32c, const py::buffer& into)
+      : exporter_(into), view_(into.request(true)) {
+    check_one_dimensional(view_);
+    const auto size = static_cast<uint64_t>(view_.size * view_.itemsize);
+    if (size != nbytes)
+      throw pe::InvalidArgument("destination buffer of tensor '" + name + "' holds " + std::to_string(size) +
+                                " bytes, not its " + std::to_string(nbytes));
+    read_ = TensorRead{std::move(name), offset, nbytes, crc32c, static_cast<uint8_t*>(view_.ptr)};
+  }
+  const TensorRead& read() const { return read_; }
+
+ private:
+  py::object exporter_;
+  py::buffer_info view_;  // releases the Py_buffer when destroyed, always with the GIL held
+  TensorRead read_;
+};
+
+using TensorReadList = py::typing::List<PyTensorRead>;
+using TensorExtentList = py::typing::List<TensorExtent>;
+
+// One shard to read. Its TensorReads are referenced here and cannot be replaced, so holding the
+// ShardRead holds every destination buffer its core request points into.
+class PyShardRead {
+ public:
+  PyShardRead(std::string path, uint64_t file_bytes, uint64_t header_bytes, uint32_t crc32c,
+              const TensorReadList& tensors, const TensorExtentList& extents)
+      : read_{std::move(path), file_bytes, header_bytes, crc32c, {}, {}} {
+    for (const py::handle& item : tensors) {
+      read_.tensors.push_back(
+          expect<PyTensorRead>(item, "ShardRead tensors", "TensorRead(name, offset, nbytes, crc32c, into)").read());
+      tensors_.push_back(py::reinterpret_borrow<py::object>(item));
+    }
+    for (const py::handle& item : extents)
+      read_.extents.push_back(expect<TensorExtent>(item, "ShardRead extents", "TensorExtent(offset, nbytes, crc32c)"));
+  }
+  const ShardRead& read() const { return read_; }
+  TensorReadList tensors() const {
+    TensorReadList out;
+    for (const py::object& t : tensors_) out.append(t);
+    return out;
+  }
+
+ private:
+  ShardRead read_;
+  std::vector<py::object> tensors_;  // the PyTensorReads behind read_.tensors
+};
+
+using ShardReadList = py::typing::List<PyShardRead>;
 
 // Checks for a pending signal (Ctrl-C) between the slices of a core wait; called on the waiting
 // thread with no core lock held. Throws error_already_set, which ends the wait.
@@ -253,36 +318,67 @@ void bind_checkpoint(py::module_& m) {
           "path. Does not block.")
       .def_property_readonly("staging_bytes", &PyWriter::staging_bytes);
 
+  py::class_<TensorExtent>(m, "TensorExtent",
+                           "Where one tensor lies in its shard (absolute offset, size) and its CRC32C, as the "
+                           "manifest records them.")
+      .def(py::init([](uint64_t offset, uint64_t nbytes, uint32_t crc32c) {
+             return TensorExtent{offset, nbytes, crc32c};
+           }),
+           py::arg("offset"), py::arg("nbytes"), py::arg("crc32c"))
+      .def_readonly("offset", &TensorExtent::offset)
+      .def_readonly("nbytes", &TensorExtent::nbytes)
+      .def_readonly("crc32c", &TensorExtent::crc32c);
+
+  py::class_<PyTensorRead>(m, "TensorRead",
+                           "One tensor to read: its name, absolute offset and size in the shard, its CRC32C and the "
+                           "writable 1-D contiguous buffer it is read into. Holds the buffer (and its exporter) for "
+                           "its whole life.")
+      .def(py::init<std::string, uint64_t, uint64_t, uint32_t, const py::buffer&>(), py::arg("name"),
+           py::arg("offset"), py::arg("nbytes"), py::arg("crc32c"), py::arg("into"),
+           "Requests `into`'s buffer for writing now; raises ValueError unless it is one-dimensional, contiguous "
+           "and exactly `nbytes` long.")
+      .def_property_readonly("name", [](const PyTensorRead& t) { return t.read().name; })
+      .def_property_readonly("offset", [](const PyTensorRead& t) { return t.read().offset; })
+      .def_property_readonly("nbytes", [](const PyTensorRead& t) { return t.read().nbytes; })
+      .def_property_readonly("crc32c", [](const PyTensorRead& t) { return t.read().crc32c; });
+
+  py::class_<PyShardRead>(m, "ShardRead",
+                          "The tensors to read from one shard file, with the manifest's size, header size and "
+                          "CRC32C of the file. Holds its TensorReads (and so their buffers) for its whole life.")
+      .def(py::init<std::string, uint64_t, uint64_t, uint32_t, const TensorReadList&, const TensorExtentList&>(),
+           py::arg("path"), py::arg("file_bytes"), py::arg("header_bytes"), py::arg("crc32c"), py::arg("tensors"),
+           py::arg("extents") = py::list(),
+           "`extents`, every tensor of the shard, lets a read of only some of them still check the header. "
+           "Raises TypeError for items that are not TensorRead / TensorExtent objects.")
+      .def_property_readonly("path", [](const PyShardRead& s) { return s.read().path; })
+      .def_property_readonly("file_bytes", [](const PyShardRead& s) { return s.read().file_bytes; })
+      .def_property_readonly("header_bytes", [](const PyShardRead& s) { return s.read().header_bytes; })
+      .def_property_readonly("crc32c", [](const PyShardRead& s) { return s.read().file_crc32c; })
+      .def_property_readonly("tensors", &PyShardRead::tensors)
+      .def_property_readonly("extents", [](const PyShardRead& s) { return s.read().extents; });
+
   m.def(
       "read_shards",
-      [](const py::list& shards, size_t threads) {
+      [](const ShardReadList& shards, size_t threads) {
+        // New references to every ShardRead (and so, through it, to every destination buffer), taken
+        // before the GIL is released: the caller's list may change meanwhile.
+        std::vector<py::object> keep;
         std::vector<ShardRead> reads;
+        reads.reserve(shards.size());
         for (const py::handle& item : shards) {
-          // (path, file_bytes, header_bytes, crc, [(name, off, n, crc, buf)][, [(off, n, crc) of every tensor]])
-          auto s = item.cast<py::tuple>();
-          if (s.size() != 5 && s.size() != 6)
-            throw pe::InvalidArgument("each shard is (path, file_bytes, header_bytes, crc32c, reads[, extents])");
-          ShardRead r{s[0].cast<std::string>(), s[1].cast<uint64_t>(), s[2].cast<uint64_t>(), s[3].cast<uint32_t>(), {}, {}};
-          if (s.size() == 6)
-            for (const py::handle& ei : s[5].cast<py::list>()) {
-              auto e = ei.cast<py::tuple>();
-              r.extents.push_back(TensorExtent{e[0].cast<uint64_t>(), e[1].cast<uint64_t>(), e[2].cast<uint32_t>()});
-            }
-          for (const py::handle& ti : s[4].cast<py::list>()) {
-            auto t = ti.cast<py::tuple>();
-            Bytes b = bytes_of(t[4].cast<py::buffer>(), true);
-            uint64_t n = t[2].cast<uint64_t>();
-            if (b.size != n) throw pe::InvalidArgument("destination buffer size does not match the tensor");
-            r.tensors.push_back(TensorRead{t[0].cast<std::string>(), t[1].cast<uint64_t>(), n, t[3].cast<uint32_t>(), b.data});
-          }
-          reads.push_back(std::move(r));
+          reads.push_back(
+              expect<PyShardRead>(item, "read_shards() shards",
+                                  "ShardRead(path, file_bytes, header_bytes, crc32c, tensors, extents)")
+                  .read());
+          keep.push_back(py::reinterpret_borrow<py::object>(item));
         }
         py::gil_scoped_release release;
         read_shards(reads, threads);
       },
       py::arg("shards"), py::arg("threads") = 4,
-      "Reads and verifies tensors into destination buffers, shards in parallel. With each shard's extents "
-      "(every tensor's offset, size and CRC32C), a partial read checks the header too. Releases the GIL.");
+      "Reads and verifies tensors into their TensorRead buffers, up to `threads` shards in parallel. A shard "
+      "with extents checks its header even when only some tensors are read. Blocks (GIL released). Raises "
+      "TypeError for items that are not ShardRead objects.");
   m.def("verify_file", &verify_file, py::call_guard<py::gil_scoped_release>(), py::arg("path"), py::arg("file_bytes"),
         py::arg("file_crc32c"), "Checks a shard's size and whole-file CRC32C. Releases the GIL.");
 }

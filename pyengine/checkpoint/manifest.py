@@ -127,7 +127,7 @@ def read_tensors(manifest: Manifest, names: Iterable[str] | None = None,
     """Reads the named tensors (all by default) into new CPU tensors, verifying checksums."""
     wanted = manifest.tensors.keys() if names is None else names
     out: dict[str, torch.Tensor] = {}
-    per_shard: dict[int, list] = {}
+    per_shard: dict[int, list[_core.TensorRead]] = {}
     for name in wanted:
         try:
             info = manifest.tensors[name]
@@ -135,18 +135,21 @@ def read_tensors(manifest: Manifest, names: Iterable[str] | None = None,
             raise CheckpointError(f"{manifest.directory / MANIFEST} has no tensor {name!r}") from None
         t = torch.empty(info.shape, dtype=CODE_TO_TORCH[info.dtype])
         out[name] = t
-        per_shard.setdefault(info.shard, []).append(
-            (name, info.offset, info.nbytes, info.crc32c, t.reshape(-1).view(torch.uint8).numpy()))
-    extents: dict[int, list[tuple[int, int, int]]] = {}
+        per_shard.setdefault(info.shard, []).append(_core.TensorRead(
+            name=name, offset=info.offset, nbytes=info.nbytes, crc32c=info.crc32c,
+            into=t.reshape(-1).view(torch.uint8).numpy()))
+    extents: dict[int, list[_core.TensorExtent]] = {}
     if names is not None:  # a partial read checks each shard's header against the manifest's CRCs
         for info in manifest.tensors.values():
             if info.shard in per_shard:
-                extents.setdefault(info.shard, []).append((info.offset, info.nbytes, info.crc32c))
+                extents.setdefault(info.shard, []).append(
+                    _core.TensorExtent(offset=info.offset, nbytes=info.nbytes, crc32c=info.crc32c))
     requests = []
     for index, reads in sorted(per_shard.items()):
         shard = manifest.shards[index]
-        requests.append((str(manifest.directory / shard.file), shard.bytes, shard.header_bytes, shard.crc32c, reads,
-                         extents.get(index, [])))
+        requests.append(_core.ShardRead(
+            path=str(manifest.directory / shard.file), file_bytes=shard.bytes, header_bytes=shard.header_bytes,
+            crc32c=shard.crc32c, tensors=reads, extents=extents.get(index, [])))
     try:
         _core.read_shards(requests, threads)
     except FileNotFoundError as e:
