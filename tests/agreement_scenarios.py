@@ -231,18 +231,25 @@ def scenario_in_flight(out: Path) -> dict:
     x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(pe.distributed.rank())), torch.zeros(16, 2)
     root = out / "in-flight"
     unfinished = []
-    with pe.Checkpointer(root, keep_last=2, max_in_flight=3, capture_rng=False) as ckpt:
+    # A second Checkpointer saves at the same time: its commit thread's collectives must not
+    # interleave with the first one's.
+    with pe.Checkpointer(root, keep_last=2, max_in_flight=3, capture_rng=False) as ckpt, \
+            pe.Checkpointer(out / "in-flight-other", keep_last=0, max_in_flight=2, capture_rng=False) as other:
         inject(ckpt, SlowStorage(root, seconds=0.3))
+        inject(other, SlowStorage(out / "in-flight-other", seconds=0.2))
         handles = []
         for step in range(1, 9):
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()  # waits for the previous overlapped copy
             handles.append(ckpt.save(step, {"model": model, "optimizer": opt}, overlap=True))
+            other.save(step, {"model": model})
             unfinished.append(sum(not h.done() for h in handles))
         expected = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
         ckpt.wait()
+        other.wait()
         assert ckpt.steps() == [7, 8], ckpt.steps()
+        assert other.steps() == list(range(1, 9)), other.steps()
     assert max(unfinished) == 3, unfinished
     fresh = make_model()
     with pe.Checkpointer(root) as ckpt:

@@ -1,6 +1,7 @@
 """How the ranks of one save or restore agree: a world of one agrees with itself; a world of
-many exchanges small Python objects on the checkpoint-only gloo group
-(pe.distributed.checkpoint_group), so it never interleaves with training collectives.
+many exchanges small Python objects on gloo groups of the Checkpointer's own, so they never
+interleave with training collectives (which may use NCCL) nor with another Checkpointer's
+(two Checkpointers' commit threads on one shared group would pair up the wrong collectives).
 
 Every call is a collective: every rank makes the same calls in the same order. A save's
 calls are made by the save engine's one commit thread, a restore's by the training thread
@@ -36,10 +37,8 @@ class GroupCoordinator:
     def __init__(self) -> None:
         import torch.distributed as dist
 
-        from pyengine.distributed.process_group import checkpoint_group
-
         self._dist = dist
-        self.group = checkpoint_group()
+        self.group = dist.new_group(backend="gloo")
         # maybe_save() decisions come from the training thread while the commit thread may be
         # using `group`: they travel on a group of their own.
         self._decisions = dist.new_group(backend="gloo")

@@ -61,10 +61,10 @@ def barrier() -> None:
 
 
 def checkpoint_group() -> dist.ProcessGroup:
-    """A gloo group used only by checkpoint saves, created once by every rank together.
-
-    Checkpoint collectives run on a background thread; on their own group they can never
-    interleave with the training loop's collectives (which may use NCCL).
+    """A gloo group kept apart from training, created once by every rank together, for
+    collectives a background thread runs (so they never interleave with the training loop's,
+    which may use NCCL). Each pe.Checkpointer makes groups of its own (checkpoint/coordinator.py),
+    so that two Checkpointers saving at once never interleave either.
     """
     global _checkpoint_group
     if _checkpoint_group is None:
