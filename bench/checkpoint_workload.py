@@ -4,11 +4,15 @@ baselines users would otherwise pick, each timed the same way."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from pyengine.benchmarks.dcp_baselines import DcpSaver
 
 
 def make_state(params_millions: float, width: int = 4096) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -80,29 +84,33 @@ def dd_fsync_bytes_per_second(directory: Path, nbytes: int, direct: bool = False
     return count * block / seconds
 
 
-class DcpAsyncSave:
-    """torch.distributed.checkpoint.async_save in one process (a gloo group of one)."""
+def dcp_durable_seconds(saver: DcpSaver, model, opt, path: Path) -> dict[str, float]:
+    """One DCP save with nothing else running: block_s (get_state_dict and async_save until it
+    returns), staged_s (until the copy is done; async staging only) and durable_s (until the
+    upload is done: files fsynced, `.metadata` renamed), all from the start. `path` is removed."""
+    pending = saver.save(model, opt, path)
+    pending.wait_staged()
+    staged = time.perf_counter()
+    pending.wait()
+    r = {"block_s": pending.stall_seconds, "durable_s": time.perf_counter() - pending.started}
+    if pending.staged is not None:
+        r["staged_s"] = staged - pending.started
+    shutil.rmtree(path)
+    return r
 
-    def __init__(self, tmp: Path) -> None:
-        import torch.distributed as dist
 
-        self._dist = dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
-
-    def blocking_and_total_seconds(self, model, opt, path: Path) -> tuple[float, float]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        t0 = time.perf_counter()
-        model_sd, optim_sd = get_state_dict(model, opt)
-        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-        blocked = time.perf_counter() - t0
-        future.result()
-        return blocked, time.perf_counter() - t0
-
-    def close(self) -> None:
-        self._dist.destroy_process_group()
+def dcp_overlapped_step_seconds(saver: DcpSaver, model, opt, batch: torch.Tensor, path: Path) -> tuple[float, float]:
+    """What the training step right after a DCP save with async staging loses: returns (lost, plain),
+    where lost is the time from the save's start to the end of that step, minus a plain step
+    timed just before. The step waits for staging_completion before opt.step(), as torchtitan
+    does; the upload is waited for afterwards and `path` removed."""
+    plain = train_step_seconds(model, opt, batch)
+    pending = saver.save(model, opt, path)
+    train_step_seconds(model, opt, batch, before_step=pending.wait_staged)
+    lost = time.perf_counter() - pending.started - plain
+    pending.wait()
+    shutil.rmtree(path)
+    return lost, plain
 
 
 def drop_page_cache() -> bool:
@@ -115,10 +123,13 @@ def drop_page_cache() -> bool:
         return False
 
 
-def train_step_seconds(model, opt, batch: torch.Tensor) -> float:
-    """One forward/backward/optimizer step of the benchmark model."""
+def train_step_seconds(model, opt, batch: torch.Tensor, before_step: Callable[[], None] | None = None) -> float:
+    """One forward/backward/optimizer step of the benchmark model; `before_step` runs between the
+    backward and opt.step() (where a training loop waits for a snapshot's copy)."""
     t0 = time.perf_counter()
     model(batch).square().mean().backward()
+    if before_step is not None:
+        before_step()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0

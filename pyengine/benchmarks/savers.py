@@ -17,10 +17,13 @@ from typing import Any
 import torch
 
 import pyengine as pe
+from pyengine.benchmarks.dcp_baselines import DEFAULT, RECIPES, DcpPending, DcpRecipe, DcpSaver
+from pyengine.benchmarks.dcp_baselines import close_process_group as close_process_group  # re-exported
 from pyengine.benchmarks.workload import Workload
 from pyengine.checkpoint.policies import OverheadBudget, PolicyFeed
 
-METHODS = ("none", "torch.save", "dcp.async_save", "pe", "pe-overlap")
+# The DCP methods are dcp_baselines' recipes: as documented, and configured as its best users do.
+METHODS = ("none", "torch.save", *RECIPES, "pe", "pe-overlap")
 CONTROL = "none"  # the A/A control: blocks "with checkpoints" that save nothing
 
 
@@ -78,47 +81,48 @@ class TorchSave(Saver):
 
 
 class DcpAsyncSave(Saver):
-    """torch.distributed.checkpoint.async_save in one process, one save in flight (as its recipe says),
-    each into a fresh directory, the previous one deleted once the new one is durable."""
+    """torch.distributed.checkpoint.async_save in one process, configured by one of dcp_baselines'
+    recipes; one save in flight (as its recipes say), each into a fresh directory, the previous one
+    deleted once the new one is durable. With async staging the copy runs during the next steps'
+    forward and backward, and a step pre-hook on the workload's optimizer waits for it, as
+    torchtitan waits for staging_completion before optimizer.step()."""
 
-    name = "dcp.async_save"
-
-    def __init__(self, workload: Workload, directory: Path) -> None:
+    def __init__(self, workload: Workload, directory: Path, recipe: DcpRecipe = DEFAULT) -> None:
         super().__init__(workload, directory)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # a gloo group of one; DCP's collectives need a group
-            dist.init_process_group("gloo", init_method=f"file://{directory}/pg", rank=0, world_size=1)
-        self._future: Any = None
-        self._started: float = 0.0
+        self.name = recipe.name
+        self._dcp = DcpSaver(recipe, directory)
+        self._pending: DcpPending | None = None
+        self._unstaged: DcpPending | None = None  # a save whose copy optimizer.step() must wait for
         self._done_at: float | None = None
         self._dirs: list[Path] = []
-        self.save(0)  # DCP plans its first save; keep that out of the measurement
-        self.finish()
-        self.take_persists()
+        self._hook = workload.optimizer.register_step_pre_hook(self._before_step) if recipe.async_staging else None
+        # DCP plans its first save, the stager allocates its cache, the PROCESS daemon starts:
+        # keep that out of the measurement.
+        self._dcp.warm_up(workload.model, workload.optimizer, directory / "warm-up")
 
     def save(self, step: int) -> float:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         t0 = time.perf_counter()
         self._wait_previous()
-        model_sd, optim_sd = get_state_dict(self.workload.model, self.workload.optimizer)
         target = self.directory / f"step-{step:08d}"
-        response = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(target))
-        self._future = getattr(response, "upload_completion", response)  # newer stagers return a pair
-        self._started, self._done_at = t0, None
-        self._future.add_done_callback(self._mark_done)  # runs in DCP's thread when the save is durable
+        self._pending = self._dcp.save(self.workload.model, self.workload.optimizer, target)
+        self._unstaged = self._pending if self._pending.staged is not None else None
+        self._done_at = None
+        self._pending.upload.add_done_callback(self._mark_done)  # runs in DCP's thread when the save is durable
         self._dirs.append(target)
         return time.perf_counter() - t0
 
+    def _before_step(self, *_: Any) -> None:
+        if self._unstaged is not None:
+            self._unstaged.wait_staged()
+            self._unstaged = None
+
     def _wait_previous(self) -> None:
-        if self._future is None:
+        if self._pending is None:
             return
-        self._future.result()
+        self._pending.wait()
         done_at = self._done_at or time.perf_counter()  # result() may return before the callback ran
-        self._persists.append(done_at - self._started)
-        self._future = None
+        self._persists.append(done_at - self._pending.started)
+        self._pending = self._unstaged = None
         while len(self._dirs) > 1:
             shutil.rmtree(self._dirs.pop(0), ignore_errors=True)
 
@@ -127,6 +131,13 @@ class DcpAsyncSave(Saver):
 
     def finish(self) -> None:
         self._wait_previous()
+
+    def close(self) -> None:
+        self.finish()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._dcp.close()
 
 
 class PeSave(Saver):
@@ -184,15 +195,8 @@ def make_saver(method: str, workload: Workload, directory: Path) -> Saver:
         return NoSave(workload, directory)
     if method == "torch.save":
         return TorchSave(workload, directory)
-    if method == "dcp.async_save":
-        return DcpAsyncSave(workload, directory)
+    if method in RECIPES:
+        return DcpAsyncSave(workload, directory, RECIPES[method])
     if method in ("pe", "pe-overlap"):
         return PeSave(workload, directory, overlap=method == "pe-overlap")
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-
-
-def close_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
