@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pyengine.benchmarks.frequency import BUDGET
+from pyengine.benchmarks.frequency import BUDGET, overlap_vs_dcp
 from pyengine.benchmarks.savers import CONTROL
 from pyengine.checkpoint.policies import daly_interval, young_interval
 
@@ -125,9 +125,10 @@ def table(results: dict[str, Any]) -> str:
             out.append(f"  {r['method']:<32}{every:>6}{spread:>32}{ci:>22}{r['stall_s'] * 1e3:10.1f}"
                        f"{r['persist_s'] * 1e3:12.1f}{lost}{waste}")
         for method, o in m["methods"].items():
-            out.append(f"  Young/Daly for {method:<15} cost per save {o['cost_s'] * 1e3:7.1f} ms -> every "
+            out.append(f"  Young/Daly for {method:<17} cost per save {o['cost_s'] * 1e3:7.1f} ms -> every "
                        f"{o['daly_s']:6.2f} s = {o['daly_steps']:7.1f} steps (Young {o['young_s']:.2f} s), "
                        f"model waste {o['daly_expected_waste'] * 100:.2f}%")
+        out.extend(f"  {line}" for line in overlap_vs_dcp(m))
         if any(r["method"] == CONTROL for r in m["rows"]):
             out.append("  A/A: cycles that save nothing, measured like the others: the noise of this measurement")
         if any(r["interval"] == BUDGET for r in m["rows"]):

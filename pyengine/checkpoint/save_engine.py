@@ -86,7 +86,8 @@ class SaveHandle:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """bytes, stall_seconds (the caller blocked), snapshot_seconds, persist_seconds (save() to commit)."""
+        """bytes, stall_seconds (the caller blocked), snapshot_seconds, persist_seconds (save() until the
+        step was committed and durable on every rank; pruning older steps comes after)."""
         done = self.done()
         return {"step": self.step, "bytes": self._bytes, "stall_seconds": self.stall_seconds,
                 "snapshot_seconds": self._snapshot_seconds, "persist_seconds": self._persist_seconds,
@@ -105,10 +106,10 @@ class SaveHandle:
             self._reported = True
             raise self._error
 
-    def _finish(self, error: BaseException | None, prune_error: str | None) -> None:
+    def _finish(self, error: BaseException | None, prune_error: str | None, decided: float) -> None:
         self._error = error
         self._prune_error = prune_error
-        self._persist_seconds = time.perf_counter() - self._started
+        self._persist_seconds = decided - self._started  # to the commit (or the failure), not the prune
         self._writer = None
         self._finished.set()
 
@@ -276,6 +277,7 @@ class SaveEngine:
         rank, world = self.coordinator.rank, self.coordinator.world
         error: BaseException | None = job.failure
         prune_error = None
+        decided = None
         try:
             if job.save_id is not None:
                 try:
@@ -302,6 +304,7 @@ class SaveEngine:
                     self.storage.abort(job.tmp)
                 outcome = failures
             outcome = self.coordinator.broadcast(outcome)
+            decided = time.perf_counter()
             if outcome:
                 error = _failure(job.handle.step, world, outcome, error)
             elif rank == 0 and self.keep_last > 0:
@@ -316,7 +319,7 @@ class SaveEngine:
                 self.storage.abort(job.tmp)  # harmless once committed: tmp no longer exists
             error = e if isinstance(e, CheckpointError) else CheckpointError(
                 f"save of step {job.handle.step} failed, nothing was committed: {type(e).__name__}: {e}")
-        job.handle._finish(error, prune_error)
+        job.handle._finish(error, prune_error, decided or time.perf_counter())
 
 
 def _failure(step: int, world: int, failures: list[str], local: BaseException | None) -> BaseException:
