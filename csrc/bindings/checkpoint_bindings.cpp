@@ -39,22 +39,32 @@ Bytes bytes_of(const py::buffer& buffer, bool writable) {
   return Bytes{static_cast<uint8_t*>(info.ptr), static_cast<uint64_t>(info.size * info.itemsize)};
 }
 
-// One tensor to save. Holds its buffer request (Py_buffer, which references the exporter) for
-// its whole life, so its data pointer stays valid while anything references the WriteSource.
+// A buffer request (Py_buffer, which references the exporter) held for the holder's whole life,
+// so its pointer stays valid, and the exporter cannot resize it, while anything references the
+// holder. Destroyed, like every Python object, only with the GIL held.
+struct HeldBuffer {
+  HeldBuffer(const py::buffer& buffer, bool writable) : exporter(buffer), view(buffer.request(writable)) {
+    check_one_dimensional(view);
+  }
+  uint8_t* data() const { return static_cast<uint8_t*>(view.ptr); }
+  uint64_t size() const { return static_cast<uint64_t>(view.size * view.itemsize); }
+
+  py::object exporter;
+  py::buffer_info view;
+};
+
+// One tensor to save: its data pointer stays valid while anything references the WriteSource.
 class WriteSource {
  public:
   WriteSource(std::string name, std::string dtype, std::vector<int64_t> shape, const py::buffer& data)
-      : exporter_(data), view_(data.request(false)) {
-    check_one_dimensional(view_);
-    source_.spec = TensorSpec{std::move(name), std::move(dtype), std::move(shape),
-                              static_cast<uint64_t>(view_.size * view_.itemsize)};
-    source_.data = static_cast<const uint8_t*>(view_.ptr);
+      : buffer_(data, false) {
+    source_.spec = TensorSpec{std::move(name), std::move(dtype), std::move(shape), buffer_.size()};
+    source_.data = buffer_.data();
   }
   const TensorSource& source() const { return source_; }
 
  private:
-  py::object exporter_;
-  py::buffer_info view_;  // releases the Py_buffer when destroyed, always with the GIL held
+  HeldBuffer buffer_;
   TensorSource source_;
 };
 
@@ -86,25 +96,20 @@ const T& expect(const py::handle& item, const std::string& what, const std::stri
   return item.cast<const T&>();
 }
 
-// One tensor to read. Holds its writable buffer request (Py_buffer, which references the
-// exporter) for its whole life, as WriteSource does, so its destination pointer stays valid and
-// the exporter cannot resize it while anything references the TensorRead.
+// One tensor to read: its destination pointer stays valid while anything references the TensorRead.
 class PyTensorRead {
  public:
   PyTensorRead(std::string name, uint64_t offset, uint64_t nbytes, uint32_t crc32c, const py::buffer& into)
-      : exporter_(into), view_(into.request(true)) {
-    check_one_dimensional(view_);
-    const auto size = static_cast<uint64_t>(view_.size * view_.itemsize);
-    if (size != nbytes)
-      throw pe::InvalidArgument("destination buffer of tensor '" + name + "' holds " + std::to_string(size) +
-                                " bytes, not its " + std::to_string(nbytes));
-    read_ = TensorRead{std::move(name), offset, nbytes, crc32c, static_cast<uint8_t*>(view_.ptr)};
+      : buffer_(into, true) {
+    if (buffer_.size() != nbytes)
+      throw pe::InvalidArgument("destination buffer of tensor '" + name + "' holds " +
+                                std::to_string(buffer_.size()) + " bytes, not its " + std::to_string(nbytes));
+    read_ = TensorRead{std::move(name), offset, nbytes, crc32c, buffer_.data()};
   }
   const TensorRead& read() const { return read_; }
 
  private:
-  py::object exporter_;
-  py::buffer_info view_;  // releases the Py_buffer when destroyed, always with the GIL held
+  HeldBuffer buffer_;
   TensorRead read_;
 };
 
