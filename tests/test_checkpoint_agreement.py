@@ -74,7 +74,8 @@ def test_a_rank_killed_during_restore_makes_the_other_rank_fail_not_hang(tmp_pat
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     ranks = [subprocess.Popen([sys.executable, str(SCENARIOS), "die-in-restore", str(tmp_path)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for r in range(2)]
     try:
         codes = [p.wait(timeout=120) for p in ranks]  # a hang fails here
     finally:

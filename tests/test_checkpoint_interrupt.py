@@ -50,8 +50,9 @@ except KeyboardInterrupt:
 @pytest.mark.parametrize("where", ["wait", "save"])
 def test_ctrl_c_interrupts_a_stalled_save_at_once_and_tears_nothing(tmp_path: Path, where: str) -> None:
     code = CHILD.format(tests=str(Path(__file__).parent))
+    # Not from the repository root, where the source tree would shadow an installed pyengine.
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path), where], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["interrupted"], report

@@ -76,7 +76,8 @@ def run_read_only(root: Path, code: str, *args: str) -> subprocess.CompletedProc
     if os.geteuid() == 0:
         remount = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
         command = ["unshare", "--mount", "sh", "-c", remount, "sh", str(root), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    # Not from the repository root, where the source tree would shadow an installed pyengine.
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root.parent.parent)
 
 
 READ_ONLY_CHILD = """

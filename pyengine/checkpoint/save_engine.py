@@ -278,6 +278,7 @@ class SaveEngine:
         error: BaseException | None = job.failure
         prune_error = None
         decided = None
+        outcome: list[str] | None = None
         try:
             if job.save_id is not None:
                 try:
@@ -289,7 +290,6 @@ class SaveEngine:
             mine = None if error is None else f"{type(error).__name__}: {error}"
             gathered = self.coordinator.all_gather((mine, job.pieces, job.shared))
             failures = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
-            outcome: list[str] | None = None
             if rank == 0:
                 if not failures:
                     try:
@@ -307,18 +307,26 @@ class SaveEngine:
             decided = time.perf_counter()
             if outcome:
                 error = _failure(job.handle.step, world, outcome, error)
-            elif rank == 0 and self.keep_last > 0:
-                try:
-                    self.storage.prune(self.keep_last)
-                except Exception as e:  # noqa: BLE001 - the new step is committed all the same
-                    prune_error = (f"checkpoint step {job.handle.step} is committed, but removing checkpoints "
-                                   f"beyond keep_last={self.keep_last} failed: {type(e).__name__}: {e}. They "
-                                   "stay on disk; the next save tries again.")
+            else:
+                if rank == 0 and self.keep_last > 0:
+                    try:
+                        self.storage.prune(self.keep_last)
+                    except Exception as e:  # noqa: BLE001 - the new step is committed all the same
+                        prune_error = (f"checkpoint step {job.handle.step} is committed, but removing checkpoints "
+                                       f"beyond keep_last={self.keep_last} failed: {type(e).__name__}: {e}. They "
+                                       "stay on disk; the next save tries again.")
+                # Every rank's wait() returns only once rank 0 has pruned, so that every rank then
+                # lists the same steps; and every rank warns alike.
+                prune_error = self.coordinator.broadcast(prune_error)
         except Exception as e:  # noqa: BLE001 - the thread must finish every job
-            if rank == 0:
-                self.storage.abort(job.tmp)  # harmless once committed: tmp no longer exists
-            error = e if isinstance(e, CheckpointError) else CheckpointError(
-                f"save of step {job.handle.step} failed, nothing was committed: {type(e).__name__}: {e}")
+            if decided is not None and not outcome:  # only the exchange after the commit failed
+                error = CheckpointError(f"checkpoint step {job.handle.step} was committed, but the ranks lost "
+                                        f"contact afterwards: {e}")
+            else:
+                if rank == 0:
+                    self.storage.abort(job.tmp)
+                error = e if isinstance(e, CheckpointError) else CheckpointError(
+                    f"save of step {job.handle.step} failed, nothing was committed: {type(e).__name__}: {e}")
         job.handle._finish(error, prune_error, decided or time.perf_counter())
 
 
