@@ -132,7 +132,7 @@ class MmapDataset:
     """
     def __init__(self, fields: list, shard_counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], verify: bool = False) -> None:
         """
-        fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths])]. Opens and checks every file (verify: also every payload checksum). Releases the GIL.
+        fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths][, sample shape])]; a given shape ([] for variable fields) must match every file's header. Opens and checks every file (verify: also every payload checksum). Releases the GIL.
         """
     def offsets(self, field: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
         """

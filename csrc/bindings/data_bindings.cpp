@@ -55,10 +55,11 @@ std::unique_ptr<PyDataset> open_dataset(const py::list& fields, const std::vecto
                                         bool verify) {
   std::vector<data::FieldSpec> specs;
   for (const py::handle& item : fields) {
-    auto t = item.cast<py::tuple>();  // (name, kind, sample_bytes, dtype, [paths])
+    auto t = item.cast<py::tuple>();  // (name, kind, sample_bytes, dtype, [paths][, sample shape])
     specs.push_back(data::FieldSpec{t[0].cast<std::string>(), static_cast<data::FieldKind>(t[1].cast<uint32_t>()),
                                     t[2].cast<uint64_t>(), t[3].cast<std::string>(),
-                                    t[4].cast<std::vector<std::string>>()});
+                                    t[4].cast<std::vector<std::string>>(), std::nullopt});
+    if (t.size() > 5) specs.back().shape = t[5].cast<std::vector<uint64_t>>();
   }
   py::gil_scoped_release release;
   return std::make_unique<PyDataset>(PyDataset{std::make_shared<const MmapDataset>(specs, shard_counts, verify)});
@@ -131,8 +132,9 @@ py::object next_batch(PyLoader& l) {
 void bind_data(py::module_& m) {
   py::class_<PyDataset>(m, "MmapDataset", "Memory-mapped, validated dataset files (see csrc/core/data/).")
       .def(py::init(&open_dataset), py::arg("fields"), py::arg("shard_counts"), py::arg("verify") = false,
-           "fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths])]. Opens and checks "
-           "every file (verify: also every payload checksum). Releases the GIL.")
+           "fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths][, sample shape])]; "
+           "a given shape ([] for variable fields) must match every file's header. Opens and checks every file "
+           "(verify: also every payload checksum). Releases the GIL.")
       .def_property_readonly("num_samples", [](const PyDataset& d) { return d.ds->size(); })
       .def_property_readonly("num_shards", [](const PyDataset& d) { return d.ds->num_shards(); })
       .def("payload", &payload_view, py::arg("field"), py::arg("shard"), "Read-only uint8 view of a payload.")

@@ -45,6 +45,8 @@ def unseal(raw: bytes, path: Path) -> dict:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses per level; no writer of ours nests this deep
+        raise CheckpointError(f"{path} is nested too deeply to be a pyengine manifest") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path} holds no manifest object")
     return doc

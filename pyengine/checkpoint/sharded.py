@@ -19,6 +19,7 @@ refuses the different order with ValueError).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ import torch
 from pyengine.checkpoint import partitioned
 from pyengine.checkpoint.dtypes import CODE_TO_TORCH
 from pyengine.checkpoint.envelope import is_sealed, seal, unseal
-from pyengine.checkpoint.manifest import MANIFEST, Manifest, read_manifest, read_tensors
+from pyengine.checkpoint.manifest import MANIFEST, Manifest, check_state, read_manifest, read_tensors
 from pyengine.errors import CheckpointError
 
 FORMAT = "pyengine.sharded-checkpoint"
 VERSION = 1
 _PART_DIR = re.compile(r"^rank-\d{5}/step-\d{8}$")
+_MAX_DIM = 1 << 63  # torch sizes are int64
 
 
 def part_name(rank: int, step_name: str) -> str:
@@ -88,7 +90,7 @@ def check_tiling(name: str, entry: dict) -> None:
             raise CheckpointError(f"tensor {name!r} is written {len(pieces)} times")
         return
     if not pieces:
-        if all(d > 0 for d in shape) and shape:
+        if math.prod(shape) > 0:  # a scalar (shape []) has one element too
             raise CheckpointError(f"tensor {name!r} has no pieces")
         return
     dims = {p["dim"] for p in pieces}
@@ -123,13 +125,32 @@ def read_sharded_manifest(step_path: Path) -> dict | None:
     parts = doc.get("parts")
     if not isinstance(parts, list) or not parts or not all(isinstance(p, str) and _PART_DIR.match(p) for p in parts):
         raise CheckpointError(f"{path} names parts pyengine never writes; refusing it")
-    for name, entry in doc["tensors"].items():
-        if any(not isinstance(p.get("part"), int) or not 0 <= p["part"] < len(parts) for p in entry["pieces"]):
-            raise CheckpointError(f"{path}: tensor {name!r} names a part that does not exist")
-        if entry["dtype"] not in CODE_TO_TORCH:
-            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
+    tensors, objects = doc.get("tensors"), doc.get("objects")
+    if not isinstance(tensors, dict) or not isinstance(objects, dict):
+        raise CheckpointError(f"{path} has no tensor table or no saved objects")
+    for name, entry in tensors.items():
+        _check_entry(name, entry, len(parts), path)
         check_tiling(name, entry)
+    check_state(objects, path)
     return doc
+
+
+def _check_entry(name: str, entry: Any, n_parts: int, path: Path) -> None:
+    """Types and ranges of one shared tensor's entry; check_tiling then checks the pieces' layout."""
+    def index(v: Any, bound: int | None = None) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (bound is None or v < bound)
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in CODE_TO_TORCH:
+        raise CheckpointError(f"{path}: tensor {name!r} has no known dtype")
+    shape, pieces = entry.get("shape"), entry.get("pieces")
+    if not isinstance(shape, list) or not all(index(d, _MAX_DIM) for d in shape) or not isinstance(pieces, list):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or piece list")
+    for p in pieces:
+        if (not isinstance(p, dict) or not index(p.get("part"), n_parts) or not index(p.get("offset"))
+                or not index(p.get("length")) or "dim" not in p
+                or not (p["dim"] is None or index(p["dim"], len(shape)))):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed piece {str(p)[:80]} "
+                                  f"(or names a part that does not exist)")
 
 
 class ShardedStep:
@@ -165,15 +186,20 @@ class ShardedStep:
         read = {part: read_tensors(self._part(part), sorted(set(ns)), self.threads) for part, ns in wanted.items()}
         for name in (n for n in names if n in shared):
             entry = shared[name]
-            full = torch.empty(entry["shape"], dtype=CODE_TO_TORCH[entry["dtype"]])
+            dtype = CODE_TO_TORCH[entry["dtype"]]
+            # Every piece is checked against the entry before the whole tensor is allocated: the
+            # pieces, whose sizes the parts' files bound, then tile exactly what is allocated.
             for p in entry["pieces"]:
-                piece = read[p["part"]][name]
+                piece, want = read[p["part"]][name], list(entry["shape"])
+                if p["dim"] is not None:
+                    want[p["dim"]] = p["length"]
+                if list(piece.shape) != want or piece.dtype != dtype:
+                    raise CheckpointError(f"{self.path}: piece of {name!r} in part {p['part']} is "
+                                          f"{piece.dtype} {tuple(piece.shape)}, the manifest says "
+                                          f"{dtype} {tuple(want)}")
+            full = torch.empty(entry["shape"], dtype=dtype)
+            for p in entry["pieces"]:
                 target = full if p["dim"] is None else full.narrow(p["dim"], p["offset"], p["length"])
-                if tuple(piece.shape) != tuple(target.shape):
-                    raise CheckpointError(f"{self.path}: piece of {name!r} in part {p['part']} has shape "
-                                          f"{tuple(piece.shape)}, the manifest says {tuple(target.shape)}")
-                target.copy_(piece)
+                target.copy_(read[p["part"]][name])
             out[name] = full
         return out
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Union
@@ -14,6 +15,7 @@ from pyengine.data import format as fmt
 from pyengine.errors import DataError
 
 _HINT = "Re-create it with pe.data.write_dataset (or pe.data.from_torch_dataset)."
+_MAX_COUNT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,17 @@ class Dataset:
         self.fields: dict[str, FieldInfo] = {}
         specs = []
         for name, info in manifest["fields"].items():
-            field = FieldInfo(info["kind"], np.dtype(info["dtype"]), tuple(info["shape"]))
+            field = FieldInfo(info["kind"], fmt.parse_dtype(info["dtype"]), tuple(info["shape"]))
             self.fields[name] = field
             paths = [
                 os.path.join(self.path, fmt.shard_file_name(name, s)) for s in range(len(manifest["shard_counts"]))
             ]
             kind = fmt.FIXED if field.kind == "fixed" else fmt.VARIABLE
-            specs.append((name, kind, field.sample_bytes, field.dtype.str, paths))
+            header_shape = list(field.shape) if kind == fmt.FIXED else []  # as pack_header records it
+            specs.append((name, kind, field.sample_bytes, field.dtype.str, paths, header_shape))
         self._shard_counts = [int(c) for c in manifest["shard_counts"]]
         self._starts = np.cumsum([0, *self._shard_counts])
+        _check_every_file_listed(self.path, [s[4] for s in specs])
         try:
             self._core = _core.MmapDataset(specs, self._shard_counts, verify)
         except FileNotFoundError as e:
@@ -127,24 +131,70 @@ def _read_manifest(path: str) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{manifest_path} is corrupt ({e}). {_HINT}") from None
+    except RecursionError:  # json's decoder recurses per level; the writer never nests this deep
+        raise DataError(f"{manifest_path} is corrupt (nested too deeply). {_HINT}") from None
     try:
-        if manifest["format"] != fmt.FORMAT_NAME:
-            raise DataError(f"{manifest_path} is not a pyengine dataset manifest. {_HINT}")
-        if manifest["version"] != fmt.FORMAT_VERSION:
-            raise DataError(
-                f"{manifest_path} has format version {manifest['version']}; this pyengine reads "
-                f"version {fmt.FORMAT_VERSION}. {_HINT}"
-            )
-        counts = manifest["shard_counts"]
-        if sum(counts) != manifest["num_samples"] or any(int(c) < 0 for c in counts):
-            raise DataError(f"{manifest_path} is inconsistent: shard sizes do not add up. {_HINT}")
-        for name, info in manifest["fields"].items():
-            fmt.check_field_name(name)
-            if info["kind"] not in ("fixed", "variable"):
-                raise DataError(f"{manifest_path}: field {name!r} has unknown kind {info['kind']!r}. {_HINT}")
-            np.dtype(info["dtype"])
-        if not manifest["fields"]:
-            raise DataError(f"{manifest_path} lists no fields. {_HINT}")
+        _check_manifest(manifest, manifest_path)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{manifest_path} is malformed ({e!r}). {_HINT}") from None
     return manifest
+
+
+def _check_manifest(manifest: Any, manifest_path: str) -> None:
+    """Every value the reader uses, checked for type and range before it sizes or names anything;
+    the files are then checked against it by the core. Raises DataError, or KeyError / TypeError /
+    ValueError for the caller to report as malformed."""
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+        raise DataError(f"{manifest_path} is not a pyengine dataset manifest. {_HINT}")
+    if manifest.get("version") != fmt.FORMAT_VERSION:
+        raise DataError(
+            f"{manifest_path} has format version {manifest.get('version')!r}; this pyengine reads "
+            f"version {fmt.FORMAT_VERSION}. {_HINT}"
+        )
+    counts = manifest["shard_counts"]
+    # Counts become uint64 in the core and int64 prefix sums here: their total must fit both.
+    if (
+        not isinstance(counts, list)
+        or not all(_is_count(c) for c in counts)
+        or not _is_count(manifest["num_samples"])
+        or sum(counts) != manifest["num_samples"]
+    ):
+        raise DataError(f"{manifest_path} is inconsistent: shard sizes do not add up. {_HINT}")
+    fields = manifest["fields"]
+    if not isinstance(fields, dict) or not fields:
+        raise DataError(f"{manifest_path} lists no fields. {_HINT}")
+    for name, info in fields.items():
+        fmt.check_field_name(name)
+        if not isinstance(info, dict) or info.get("kind") not in ("fixed", "variable"):
+            raise DataError(f"{manifest_path}: field {name!r} has no known kind. {_HINT}")
+        itemsize = fmt.parse_dtype(info["dtype"]).itemsize
+        shape = info["shape"]
+        if info["kind"] == "variable":
+            valid = shape == [-1]
+        else:
+            valid = (
+                isinstance(shape, list)
+                and len(shape) <= fmt.MAX_DIMS
+                and all(_is_count(d) for d in shape)
+                and _is_count(math.prod(shape) * itemsize)
+            )
+        if not valid:
+            raise DataError(
+                f"{manifest_path}: field {name!r} has shape {shape!r}, which is not a {info['kind']} field's. {_HINT}"
+            )
+
+
+def _check_every_file_listed(path: str, listed: list[list[str]]) -> None:
+    """dataset.json has no checksum, but the writer puts nothing else in the directory: a data
+    file it does not list means a field or shard was dropped from it, and with it samples."""
+    expected = {os.path.basename(p) for paths in listed for p in paths}
+    unlisted = sorted(n for n in os.listdir(path) if fmt.is_shard_file_name(n) and n not in expected)
+    if unlisted:
+        raise DataError(
+            f"{os.path.join(path, fmt.MANIFEST)} does not list {', '.join(unlisted[:3])}"
+            f"{' ...' if len(unlisted) > 3 else ''} beside it: the manifest is damaged. {_HINT}"
+        )
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_COUNT

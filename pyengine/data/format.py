@@ -37,10 +37,19 @@ HEADER_CRC_OFFSET = 508
 # magic, version, kind, count, sample_bytes, payload_bytes, payload_crc32c, ndim, dtype, shape[8]
 _HEADER = struct.Struct("<8sIIQQQII16s8Q")
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\.\d{5}\.bin$")
+# What dtype_str writes: byte order, kind, item size, and a datetime unit. np.dtype() parses
+# far more (comma lists, shapes through ast.literal_eval), none of which a manifest may hold.
+_DTYPE_STR = re.compile(r"^[<|][a-zA-Z?][0-9]{1,9}(\[[0-9]{0,9}[a-zA-Z]{1,3}\])?$")
 
 
 def shard_file_name(field: str, shard: int) -> str:
     return f"{field}.{shard:05d}.bin"
+
+
+def is_shard_file_name(name: str) -> bool:
+    """Whether `name` has the form of a file :func:`shard_file_name` names."""
+    return _SHARD_FILE.match(name) is not None
 
 
 def check_field_name(name: str) -> None:
@@ -87,3 +96,20 @@ def dtype_str(dtype: np.dtype) -> str:
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
         raise ValueError(f"dtype {dt} is not supported: use plain numeric, bool or fixed-size bytes dtypes")
     return dt.newbyteorder("<").str if dt.byteorder not in ("|", "<") else dt.str
+
+
+def parse_dtype(text: object) -> np.dtype:
+    """The dtype a manifest names, which must be exactly what :func:`dtype_str` writes.
+
+    Raises:
+        ValueError: anything else (never passed to np.dtype, whose parser accepts code-like syntax).
+    """
+    if not isinstance(text, str) or not _DTYPE_STR.match(text):
+        raise ValueError(f"{text!r} is not a dtype the dataset writer writes")
+    try:
+        dtype = np.dtype(text)
+    except TypeError:
+        raise ValueError(f"{text!r} is not a numpy dtype") from None
+    if dtype_str(dtype) != text:
+        raise ValueError(f"{text!r} is not a dtype the dataset writer writes")
+    return dtype

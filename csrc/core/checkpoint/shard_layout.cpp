@@ -63,12 +63,21 @@ CheckpointLayout plan_layout(std::vector<TensorSpec> specs, size_t max_shards) {
   for (auto& s : specs) {
     validate_name(s.name);
     if (!seen.insert(s.name).second) throw InvalidArgument("duplicate tensor name '" + s.name + "'");
+    // Checked products: a wrapped size (say 2^62 F32 elements, 2^64 bytes, wraps to 0) would
+    // match a small byte count and put a shape no reader can honour into the header.
     uint64_t elems = 1;
+    bool zero = false, overflow = false;
     for (int64_t d : s.shape) {
       if (d < 0) throw InvalidArgument("tensor '" + s.name + "' has a negative dimension");
-      elems *= static_cast<uint64_t>(d);
+      zero = zero || d == 0;
+      overflow = __builtin_mul_overflow(elems, static_cast<uint64_t>(d), &elems) || overflow;
     }
-    if (elems * dtype_size(s.dtype) != s.nbytes)
+    uint64_t bytes = 0;
+    overflow = __builtin_mul_overflow(elems, dtype_size(s.dtype), &bytes) || overflow;
+    if (zero) bytes = 0;
+    if (overflow && !zero)
+      throw InvalidArgument("tensor '" + s.name + "' is too large: its shape holds more than 2^64 bytes");
+    if (bytes != s.nbytes)
       throw InvalidArgument("tensor '" + s.name + "': " + std::to_string(s.nbytes) + " bytes do not match dtype " +
                             s.dtype + " and its shape");
     layout.total_data_bytes += s.nbytes;

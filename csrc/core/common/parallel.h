@@ -37,7 +37,8 @@ inline void lower_this_thread_priority(int increment) {
   setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, current + increment));
 }
 
-// Calls job(i) for i in [0, n): job 0 on the calling thread, the rest on new threads.
+// Calls job(i) for i in [0, n): job 0 on the calling thread, the rest on new threads (or, for
+// any thread that cannot be started, on the calling thread after job 0).
 inline void parallel_for(size_t n, const std::string& thread_name, const std::function<void(size_t)>& job) {
   if (n == 0) return;
   std::exception_ptr first_error;
@@ -51,14 +52,24 @@ inline void parallel_for(size_t n, const std::string& thread_name, const std::fu
     }
   };
   std::vector<std::thread> threads;
+  std::vector<size_t> on_caller;  // jobs whose thread could not be started
   threads.reserve(n - 1);
+  on_caller.reserve(n - 1);  // nothing below may throw while threads are joinable
   for (size_t i = 1; i < n; ++i) {
-    threads.emplace_back([&, i] {
-      name_this_thread(thread_name + "-" + std::to_string(i));
-      guarded(i);
-    });
+    try {
+      threads.emplace_back([&, i] {
+        name_this_thread(thread_name + "-" + std::to_string(i));
+        guarded(i);
+      });
+    } catch (...) {
+      // No thread to be had (std::system_error EAGAIN under a process or memory limit, or
+      // std::bad_alloc for its state). The job runs here instead: slower, but neither lost
+      // nor a std::terminate from the started threads left unjoined.
+      on_caller.push_back(i);
+    }
   }
   guarded(0);
+  for (size_t i : on_caller) guarded(i);
   for (auto& t : threads) t.join();
   if (first_error) std::rethrow_exception(first_error);
 }

@@ -30,14 +30,15 @@ const uint8_t* BlockCache::block_data(Region& r, uint64_t block) {
   if (state == kFilling || full_.load(std::memory_order_relaxed)) return nullptr;
   const uint64_t start = block * kBlockBytes;
   const uint64_t len = r.bytes - start < kBlockBytes ? r.bytes - start : kBlockBytes;
+  // Claim first, charge second: if losers of the claim charged too, the count could pass the
+  // budget for a moment and make a reader of another block mark the cache full for good.
+  uint8_t expected = kEmpty;
+  if (!blk.state.compare_exchange_strong(expected, kFilling, std::memory_order_acq_rel))
+    return nullptr;  // another thread is filling it
   if (used_.fetch_add(len, std::memory_order_relaxed) + len > budget_) {
     used_.fetch_sub(len, std::memory_order_relaxed);
     full_.store(true, std::memory_order_relaxed);
-    return nullptr;
-  }
-  uint8_t expected = kEmpty;
-  if (!blk.state.compare_exchange_strong(expected, kFilling, std::memory_order_acq_rel)) {
-    used_.fetch_sub(len, std::memory_order_relaxed);  // another thread is filling it
+    blk.state.store(kEmpty, std::memory_order_release);
     return nullptr;
   }
   auto* data = static_cast<uint8_t*>(std::malloc(len));

@@ -1,6 +1,7 @@
 #include "data/mmap_dataset.h"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "common/errors.h"
 
@@ -11,7 +12,13 @@ MmapDataset::MmapDataset(const std::vector<FieldSpec>& fields, const std::vector
     : specs_(fields) {
   if (fields.empty()) throw InvalidArgument("a dataset needs at least one field");
   shard_starts_.push_back(0);
-  for (uint64_t c : shard_counts) shard_starts_.push_back(shard_starts_.back() + c);
+  for (uint64_t c : shard_counts) {
+    // Each file checks its own count, but not their sum: a wrapped total would make every
+    // index past it unreachable, or locate() point into the wrong shard.
+    if (c > UINT64_MAX - shard_starts_.back())
+      throw DataError("dataset.json lists shard counts that add up to 2^64 samples or more");
+    shard_starts_.push_back(shard_starts_.back() + c);
+  }
   num_samples_ = shard_starts_.back();
   for (const FieldSpec& spec : fields) {
     if (spec.shard_paths.size() != shard_counts.size())
@@ -21,7 +28,8 @@ MmapDataset::MmapDataset(const std::vector<FieldSpec>& fields, const std::vector
     shards.reserve(shard_counts.size());
     for (size_t s = 0; s < shard_counts.size(); ++s) {
       shards.push_back(ShardFile::open(
-          ShardExpectation{spec.shard_paths[s], spec.kind, shard_counts[s], spec.sample_bytes, spec.dtype}, verify));
+          ShardExpectation{spec.shard_paths[s], spec.kind, shard_counts[s], spec.sample_bytes, spec.dtype, spec.shape},
+          verify));
     }
     fields_.push_back(std::move(shards));
   }

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,7 +21,8 @@ struct FieldSpec {
   FieldKind kind;
   uint64_t sample_bytes;  // fixed: bytes per sample; variable: bytes per element
   std::string dtype;
-  std::vector<std::string> shard_paths;  // one per shard, in order
+  std::vector<std::string> shard_paths;        // one per shard, in order
+  std::optional<std::vector<uint64_t>> shape;  // checked against every file: see ShardExpectation
 };
 
 class MmapDataset {

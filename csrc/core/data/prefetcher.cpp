@@ -37,7 +37,16 @@ void Prefetcher::start(uint64_t epoch, uint64_t batch, bool infinite) {
   total_tickets_ = nb - batch;
   workers_.reserve(threads_);
   for (size_t i = 0; i < threads_; ++i) {
-    workers_.emplace_back([this] { worker_loop(); });
+    try {
+      workers_.emplace_back([this] { worker_loop(); });
+    } catch (...) {
+      // Workers are interchangeable: when a thread cannot be started (a process or memory
+      // limit), the run goes on with those that were; with none, start() fails and the
+      // prefetcher stays stopped, rather than throwing with a half-started run behind it.
+      if (!workers_.empty()) break;
+      closed_ = true;
+      throw;
+    }
     // Named here, not in the thread, so every worker has its name once start() returns.
     pthread_setname_np(workers_.back().native_handle(), ("pe-data-" + std::to_string(i)).c_str());
   }

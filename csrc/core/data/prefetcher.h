@@ -2,7 +2,8 @@
 //
 // Concurrency contract:
 //  - One consumer thread calls start() / next() / stop(); `threads` named workers
-//    ("pe-data-N") claim batch tickets in order and assemble them in parallel.
+//    ("pe-data-N") claim batch tickets in order and assemble them in parallel (fewer, if
+//    not all threads can be started; start() throws only when none can).
 //  - The ready queue is a ring of `depth` slots: ticket t may be claimed only when
 //    t < consumed + depth, so at most `depth` batches are being built or waiting
 //    (bounded memory), and slot t % depth is always free when t is claimed.

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/crc32c.h"
@@ -77,19 +78,30 @@ ShardFile ShardFile::open(const ShardExpectation& expect, bool verify_payload) {
   if (h.kind != static_cast<uint32_t>(expect.kind) || h.count != expect.count ||
       h.sample_bytes != expect.sample_bytes || dtype != expect.dtype)
     corrupt(path, "does not match dataset.json (kind, count, sample size or dtype differ; mixed-up files?)");
+  if (expect.shape &&
+      !(h.ndim <= 8 && std::equal(expect.shape->begin(), expect.shape->end(), h.shape, h.shape + h.ndim)))
+    corrupt(path, "does not match dataset.json (the sample shape differs; mixed-up files?)");
   f.kind_ = expect.kind;
   f.count_ = h.count;
   f.sample_bytes_ = h.sample_bytes;
   f.payload_bytes_ = h.payload_bytes;
 
+  // Each size is compared with what is left of the file before it enters a sum, so no sum can
+  // wrap: a payload size near 2^64 would wrap align8(4096 + P) past zero and put the offset
+  // table before the mapping.
+  if (h.payload_bytes > file_bytes - kHeaderBytes)
+    corrupt(path, "is truncated: " + std::to_string(file_bytes) + " bytes on disk, its header claims a " +
+                      std::to_string(h.payload_bytes) + "-byte payload");
   uint64_t expected_bytes = 0;
   if (f.kind_ == FieldKind::kFixed) {
     if (h.sample_bytes != 0 && h.payload_bytes / h.sample_bytes != h.count) corrupt(path, "has inconsistent sizes");
     if (h.payload_bytes != h.count * h.sample_bytes) corrupt(path, "has inconsistent sizes");
     expected_bytes = kHeaderBytes + h.payload_bytes;
   } else {
-    if (h.sample_bytes == 0 || h.count > (UINT64_MAX / 8) - 1) corrupt(path, "has inconsistent sizes");
-    expected_bytes = align8(kHeaderBytes + h.payload_bytes) + 8 * (h.count + 1);
+    const uint64_t table = align8(kHeaderBytes + h.payload_bytes);  // <= file_bytes + 7: no wrap
+    if (h.sample_bytes == 0 || h.count > (UINT64_MAX / 8) - 1 || 8 * (h.count + 1) > UINT64_MAX - table)
+      corrupt(path, "has inconsistent sizes");
+    expected_bytes = table + 8 * (h.count + 1);
   }
   if (file_bytes != expected_bytes)
     corrupt(path, (file_bytes < expected_bytes ? "is truncated: " : "has trailing bytes: ") +

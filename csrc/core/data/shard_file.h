@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,9 @@ struct ShardExpectation {
   uint64_t count;
   uint64_t sample_bytes;  // fixed: bytes per sample; variable: bytes per element
   std::string dtype;      // numpy dtype.str, e.g. "<f4"
+  // The sample shape the header must record (empty for variable fields); unset: not checked.
+  // Sizes alone let a manifest reshape samples ([2, 2] read as [4]) without an error.
+  std::optional<std::vector<uint64_t>> shape;
 };
 
 class ShardFile {
