@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace pe::fuzz {
 
@@ -51,12 +53,26 @@ class ByteReader {
   size_t pos_ = 0;
 };
 
+// The temp files of this process, removed at exit.
+inline std::vector<std::string>& temp_files() {
+  static std::vector<std::string> files;
+  return files;
+}
+
 // A file in tmpfs holding the bytes under test; one name per process and slot, rewritten on
-// every execution, so parallel fuzzers never share a file and nothing is left on disk but it.
+// every execution, so parallel fuzzers never share a file and none outlives the process
+// (unless it crashes: .ci/fuzz gives the targets a scratch folder it removes).
 inline std::string write_temp_file(const std::string& bytes, int slot = 0) {
   const char* dir = std::getenv("PE_FUZZ_TMPDIR");
   std::string path =
       std::string(dir ? dir : "/dev/shm") + "/pe-fuzz-" + std::to_string(::getpid()) + "-" + std::to_string(slot);
+  if (std::find(temp_files().begin(), temp_files().end(), path) == temp_files().end()) {
+    if (temp_files().empty())
+      std::atexit([] {
+        for (const std::string& f : temp_files()) ::unlink(f.c_str());
+      });
+    temp_files().push_back(path);
+  }
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0 || ::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size()) || ::close(fd) != 0) {
     std::perror(path.c_str());

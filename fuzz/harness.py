@@ -11,7 +11,6 @@ exception escapes to atheris, which saves the input as a crash.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import sys
@@ -36,11 +35,13 @@ def require(ok: bool, what: str) -> None:
 
 
 def private_copy(fixture: str) -> Path:
-    """A copy of fuzz/fixtures/<fixture> in a tmpfs directory removed at exit."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    root = Path(tempfile.mkdtemp(prefix="pe-fuzz-", dir=os.environ.get("PE_FUZZ_TMPDIR", base)))
-    atexit.register(shutil.rmtree, root, True)
-    dst = root / fixture
+    """A copy of fuzz/fixtures/<fixture> in a new tmpfs directory, under $PE_FUZZ_TMPDIR when set.
+
+    libFuzzer ends the process without running Python's exit handlers, so the directory is not
+    removed here: .ci/fuzz points PE_FUZZ_TMPDIR at a scratch folder it removes.
+    """
+    base = os.environ.get("PE_FUZZ_TMPDIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+    dst = Path(tempfile.mkdtemp(prefix="pe-fuzz-", dir=base)) / fixture
     shutil.copytree(FIXTURES / fixture, dst)
     return dst
 
