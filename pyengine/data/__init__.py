@@ -13,7 +13,17 @@ from __future__ import annotations
 
 from pyengine.data.dataset import Dataset, FieldInfo
 from pyengine.data.loader import Loader
+from pyengine.data.sample_transform import SampleTransformError, sample_rng
 from pyengine.data.torch_interop import from_torch_dataset
 from pyengine.data.writer import DatasetWriter, write_dataset
 
-__all__ = ["Dataset", "DatasetWriter", "FieldInfo", "Loader", "from_torch_dataset", "write_dataset"]
+__all__ = [
+    "Dataset",
+    "DatasetWriter",
+    "FieldInfo",
+    "Loader",
+    "SampleTransformError",
+    "from_torch_dataset",
+    "sample_rng",
+    "write_dataset",
+]

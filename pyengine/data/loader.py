@@ -15,6 +15,7 @@ import torch
 from pyengine import _core
 from pyengine.data.dataset import Dataset
 from pyengine.data.device import DeviceCopier, pin_pool_buffers
+from pyengine.data.sample_transform import SampleTransform, SampleTransformPipeline
 
 _ORDERS = {"sequential": 0, "full": 1, "block": 2}
 _STATE_FORMAT = "pyengine.data.Loader"
@@ -62,6 +63,16 @@ class Loader:
             per-epoch batch count.
         transform: Called on each batch dict (after the device copy) before it is yielded:
             the place for per-batch augmentation with torch ops.
+        sample_transform: ``fn(sample, rng) -> dict of arrays``, called on every sample (a dict
+            of numpy arrays, read-only; a variable-length field is one 1-D array) in
+            `transform_threads` threads ahead of the consumer; the results, which must have the
+            same keys, shapes and dtypes for every sample, are stacked into the batch.
+            ``rng`` is a ``numpy.random.Generator`` seeded from (seed, epoch, sample index)
+            only, so batches are bit-identical for any thread count and after a resume. Runs
+            before the device copy and `transform`. Heavy work must release the GIL (numpy,
+            :mod:`pyengine.data.image`, most decoders do). An exception reaches the consumer
+            at its batch as :class:`SampleTransformError`, naming the sample.
+        transform_threads: Threads running `sample_transform` (default: `threads`).
         block_size, window_blocks: Geometry of shuffle="block" (samples per block, default
             ~4 MiB worth; blocks shuffled together, default 16).
 
@@ -87,6 +98,8 @@ class Loader:
         transform: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
         block_size: Optional[int] = None,
         window_blocks: int = 16,
+        sample_transform: Optional[SampleTransform] = None,
+        transform_threads: Optional[int] = None,
     ) -> None:
         self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
         order = {True: "full", False: "sequential"}.get(shuffle, shuffle) if isinstance(shuffle, bool) else shuffle
@@ -114,6 +127,12 @@ class Loader:
         )  # fmt: skip
         self._core.set_views([(f.dtype, None if f.kind == "variable" else f.shape) for f in self._fields.values()])
         self._names = [k for name, f in self._fields.items() for k in _batch_keys(name, f.kind)]
+        self._pipeline: Optional[SampleTransformPipeline] = None
+        if sample_transform is not None:
+            n = transform_threads if transform_threads is not None else self.threads
+            self._pipeline = SampleTransformPipeline(sample_transform, n, self.prefetch, seed)
+        elif transform_threads is not None:
+            raise ValueError("transform_threads is set but there is no sample_transform to run")
         self._copier: Optional[DeviceCopier] = None
         if self.device is not None and self.device.type == "cuda":
             pin_memory = True
@@ -193,18 +212,42 @@ class Loader:
     def _end_iteration(self) -> None:
         self._generation += 1
         self._core.stop()
+        if self._pipeline is not None:
+            self._pipeline.stop_threads()
         if self._copier is not None:
             self._copier.synchronize()
 
     def _mean_sample_bytes(self) -> int:
         return self.dataset.nbytes // max(len(self.dataset), 1)
 
+    def _next_raw_samples(self) -> Optional[tuple[int, int, np.ndarray, list[dict[str, np.ndarray]]]]:
+        """The next raw batch split into samples (views of its pool buffer), for the transform stage."""
+        got = self._core.next()
+        if got is None:
+            return None
+        epoch, index, _, arrays = got
+        columns = dict(zip(self._names, arrays))
+        for a in arrays:
+            a.flags.writeable = False  # a transform must not edit the shared pool buffer in place
+        indices = self._core.batch_indices(epoch, index)
+        samples: list[dict[str, np.ndarray]] = [{} for _ in range(len(indices))]
+        for name, field in self._fields.items():
+            values = columns[name]
+            if field.kind == "variable":
+                offsets = columns[name + "_offsets"]
+                for k, sample in enumerate(samples):
+                    sample[name] = values[offsets[k] : offsets[k + 1]]
+            else:
+                for k, sample in enumerate(samples):
+                    sample[name] = values[k]
+        return epoch, index, indices, samples
+
     def _advance(self, epoch: int, index: int) -> None:
         self._epoch, self._batch = (epoch + 1, 0) if index + 1 == len(self) else (epoch, index + 1)
 
-    def _to_tensors(self, arrays: list[np.ndarray], pinned: bool) -> dict[str, torch.Tensor]:
+    def _to_tensors(self, arrays: dict[str, np.ndarray], pinned: bool) -> dict[str, torch.Tensor]:
         # Each array views the pooled buffer and keeps its lease alive; so does each tensor.
-        out = {name: torch.from_numpy(a) for name, a in zip(self._names, arrays)}
+        out = {name: torch.from_numpy(a) for name, a in arrays.items()}
         if self.pin_memory and self._copier is None and not pinned:
             out = {k: v.pin_memory() for k, v in out.items()}
         return out
@@ -218,6 +261,8 @@ class _LoaderIterator:
         self._generation = generation
         self._done = False
         loader._core.start(loader._epoch, loader._batch, loader.infinite)
+        if loader._pipeline is not None:
+            loader._pipeline.start(loader._next_raw_samples)
 
     def __iter__(self) -> _LoaderIterator:
         return self
@@ -228,7 +273,12 @@ class _LoaderIterator:
             self._done = True
             raise StopIteration
         try:
-            got = loader._core.next()
+            if loader._pipeline is not None:
+                got = loader._pipeline.next()
+                got = None if got is None else (got[0], got[1], False, got[2])
+            else:
+                got = loader._core.next()
+                got = None if got is None else (got[0], got[1], got[2], dict(zip(loader._names, got[3])))
         except BaseException:
             self._finish()
             raise
@@ -248,6 +298,8 @@ class _LoaderIterator:
         self._done = True
         if self._loader._generation == self._generation:
             self._loader._core.stop()
+            if self._loader._pipeline is not None:
+                self._loader._pipeline.stop_threads()
 
     def __del__(self) -> None:
         # A consumer that breaks out of its loop drops the iterator: stop the workers now.
