@@ -25,3 +25,9 @@ class CheckpointError(PyengineError):
 
 class DataError(PyengineError):
     """A dataset on disk is missing, torn, corrupt, or not what the caller asked for."""
+
+
+class UnverifiedDataWarning(UserWarning):
+    """A dataset was opened whose reads nothing checks: its files are in format version 1, which
+    has no block checksums, so a corrupted byte would arrive as data. Re-write it (format 2),
+    or open it with ``verify="open"`` to check everything once."""

@@ -1,7 +1,8 @@
 // Bindings for the data engine. Batches cross as DataBatch objects that expose their pooled
 // buffer through the buffer protocol; the Python layer views it with numpy and torch
-// (no copy), and the buffer returns to the pool when the last view is freed. Dataset
-// payloads cross as read-only numpy views of the memory maps. Calls that wait release the
+// (no copy), and the buffer returns to the pool when the last view is freed. Single samples
+// are copied out of the maps by the core (checked, and guarded against a file shrinking under
+// the map); no numpy view of a map is ever handed out. Calls that wait or read release the
 // GIL; worker threads never touch Python.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -12,6 +13,7 @@
 #include "bindings.h"
 #include "common/errors.h"
 #include "data/batch_assembler.h"
+#include "data/block_checksum_writer.h"
 #include "data/mmap_dataset.h"
 #include "data/prefetcher.h"
 
@@ -52,7 +54,7 @@ struct PyLoader {
 };
 
 std::unique_ptr<PyDataset> open_dataset(const py::list& fields, const std::vector<uint64_t>& shard_counts,
-                                        bool verify) {
+                                        uint32_t verify, uint32_t version) {
   std::vector<data::FieldSpec> specs;
   for (const py::handle& item : fields) {
     auto t = item.cast<py::tuple>();  // (name, kind, sample_bytes, dtype, [paths][, sample shape])
@@ -61,27 +63,36 @@ std::unique_ptr<PyDataset> open_dataset(const py::list& fields, const std::vecto
                                     t[4].cast<std::vector<std::string>>(), std::nullopt});
     if (t.size() > 5) specs.back().shape = t[5].cast<std::vector<uint64_t>>();
   }
+  if (verify > static_cast<uint32_t>(data::Verify::kOpen)) throw py::value_error("verify must be 0, 1 or 2");
   py::gil_scoped_release release;
-  return std::make_unique<PyDataset>(PyDataset{std::make_shared<const MmapDataset>(specs, shard_counts, verify)});
+  return std::make_unique<PyDataset>(PyDataset{
+      std::make_shared<const MmapDataset>(specs, shard_counts, static_cast<data::Verify>(verify), version)});
 }
 
-py::array payload_view(const py::object& self, size_t field, size_t shard) {
-  const MmapDataset& ds = *self.cast<PyDataset&>().ds;
-  if (field >= ds.num_fields() || shard >= ds.num_shards()) throw py::index_error("field or shard out of range");
-  const data::ShardFile& f = ds.shard(field, shard);
-  py::array arr(py::dtype("uint8"), {f.payload_bytes()}, {1}, f.payload(), self);
-  py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-  return arr;
+const data::ShardFile& shard_of(const PyDataset& d, size_t field, size_t shard) {
+  if (field >= d.ds->num_fields() || shard >= d.ds->num_shards()) throw py::index_error("field or shard out of range");
+  return d.ds->shard(field, shard);
 }
 
-py::object offsets_view(const py::object& self, size_t field, size_t shard) {
-  const MmapDataset& ds = *self.cast<PyDataset&>().ds;
-  if (field >= ds.num_fields() || shard >= ds.num_shards()) throw py::index_error("field or shard out of range");
-  const data::ShardFile& f = ds.shard(field, shard);
-  if (f.offsets() == nullptr) return py::none();
-  py::array arr(py::dtype("uint64"), {f.count() + 1}, {8}, f.offsets(), self);
-  py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-  return std::move(arr);
+// Sample i as one fresh uint8 array per field: sizes first (GIL held: allocating needs it),
+// then the checked, guarded copy with the GIL released.
+py::list read_sample(const PyDataset& d, uint64_t i) {
+  const MmapDataset& ds = *d.ds;
+  if (i >= ds.size()) throw py::index_error("sample index out of range");
+  std::vector<uint64_t> sizes(ds.num_fields());
+  ds.sample_sizes(i, sizes.data());
+  py::list arrays;
+  std::vector<uint8_t*> dst(ds.num_fields());
+  for (size_t f = 0; f < sizes.size(); ++f) {
+    py::array_t<uint8_t> a(static_cast<py::ssize_t>(sizes[f]));
+    dst[f] = a.mutable_data();
+    arrays.append(std::move(a));
+  }
+  {
+    py::gil_scoped_release release;
+    ds.read_sample(i, dst.data());
+  }
+  return arrays;
 }
 
 // (epoch, index, pinned, [arrays]): numpy views of the batch buffer, one per fixed field and
@@ -131,15 +142,44 @@ py::object next_batch(PyLoader& l) {
 
 void bind_data(py::module_& m) {
   py::class_<PyDataset>(m, "MmapDataset", "Memory-mapped, validated dataset files (see csrc/core/data/).")
-      .def(py::init(&open_dataset), py::arg("fields"), py::arg("shard_counts"), py::arg("verify") = false,
+      .def(py::init(&open_dataset), py::arg("fields"), py::arg("shard_counts"), py::arg("verify") = 1,
+           py::arg("version") = data::kFormatVersion,
            "fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths][, sample shape])]; "
-           "a given shape ([] for variable fields) must match every file's header. Opens and checks every file "
-           "(verify: also every payload checksum). Releases the GIL.")
+           "a given shape ([] for variable fields) must match every file's header. verify: 0 never, 1 each "
+           "block on its first read, 2 everything now. version: dataset.json's, which every header must record. "
+           "Opens and checks every file. Releases the GIL.")
       .def_property_readonly("num_samples", [](const PyDataset& d) { return d.ds->size(); })
       .def_property_readonly("num_shards", [](const PyDataset& d) { return d.ds->num_shards(); })
-      .def("payload", &payload_view, py::arg("field"), py::arg("shard"), "Read-only uint8 view of a payload.")
-      .def("offsets", &offsets_view, py::arg("field"), py::arg("shard"),
-           "Read-only uint64 view of a variable field's offset table (None for fixed fields).");
+      .def_property_readonly("checks_blocks", [](const PyDataset& d) { return d.ds->checks_blocks(); },
+                             "Whether reads are checked against block checksums (every file is version 2, "
+                             "verify is not 0).")
+      .def("payload_bytes",
+           [](const PyDataset& d, size_t field, size_t shard) { return shard_of(d, field, shard).payload_bytes(); },
+           py::arg("field"), py::arg("shard"), "Payload bytes of one field-shard file.")
+      .def("read_sample", &read_sample, py::arg("index"),
+           "Sample `index` as one fresh uint8 array per field, its blocks checked first. Raises DataError "
+           "(a bad block, a file that shrank). Releases the GIL while copying.");
+
+  py::class_<data::BlockChecksumWriter>(m, "BlockChecksumWriter",
+                                        "CRC32Cs of each block_bytes of a payload written in chunks (the writer's "
+                                        "block table) and of the whole payload.")
+      .def(py::init<uint64_t>(), py::arg("block_bytes"))
+      .def("update",
+           [](data::BlockChecksumWriter& w, const py::buffer& data) {
+             py::buffer_info info = data.request();
+             if (!PyBuffer_IsContiguous(info.view(), 'C')) throw py::value_error("update() needs a contiguous buffer");
+             py::gil_scoped_release release;
+             w.update(info.ptr, static_cast<size_t>(info.size * info.itemsize));
+           },
+           py::arg("data"), "Adds the next bytes of the payload. Releases the GIL.")
+      .def("table",
+           [](const data::BlockChecksumWriter& w) {
+             std::vector<uint32_t> t = w.table();
+             return py::bytes(reinterpret_cast<const char*>(t.data()), 4 * t.size());
+           },
+           "The block table so far, as little-endian uint32 bytes.")
+      .def_property_readonly("payload_crc32c", &data::BlockChecksumWriter::payload_crc32c)
+      .def_property_readonly("payload_bytes", &data::BlockChecksumWriter::payload_bytes);
 
   py::class_<PyBatch>(m, "DataBatch", py::buffer_protocol(), "One assembled batch in a pooled buffer.")
       .def_buffer([](PyBatch& b) {

@@ -16,6 +16,7 @@ from pyengine.data.loader import Loader
 from pyengine.data.sample_transform import SampleTransformError, sample_rng
 from pyengine.data.torch_interop import from_torch_dataset
 from pyengine.data.writer import DatasetWriter, write_dataset
+from pyengine.errors import UnverifiedDataWarning
 
 __all__ = [
     "Dataset",
@@ -23,6 +24,7 @@ __all__ = [
     "FieldInfo",
     "Loader",
     "SampleTransformError",
+    "UnverifiedDataWarning",
     "from_torch_dataset",
     "sample_rng",
     "write_dataset",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -12,10 +13,12 @@ import numpy as np
 
 from pyengine import _core
 from pyengine.data import format as fmt
-from pyengine.errors import DataError
+from pyengine.errors import DataError, UnverifiedDataWarning
 
 _HINT = "Re-create it with pe.data.write_dataset (or pe.data.from_torch_dataset)."
 _MAX_COUNT = 1 << 63
+# verify= values, as the core's Verify enum numbers them (csrc/core/data/shard_file.h).
+_VERIFY_MODES = {"never": 0, "on_read": 1, "open": 2}
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,44 @@ class Dataset:
     arrays, copied out of the map) work like a map-style dataset; pass it to
     :class:`pyengine.data.Loader` for fast batches.
 
+    Every payload byte handed out (by ``ds[i]`` and by every Loader over it) is checked first:
+    each 64 KiB block of a file against its CRC32C the first time any sample in it is read in
+    this process (later reads cost one atomic load per block). A bad block raises
+    :class:`~pyengine.DataError` naming the file and the dataset samples it holds; a file
+    truncated while open raises DataError ("... shrank while being read") instead of killing
+    the process with SIGBUS.
+
     Args:
         path: The dataset directory.
-        verify: Also check every payload checksum (reads the whole dataset once).
+        verify: When payload checksums are checked. "on_read" (the default): each block on its
+            first read. "open" (or True): every byte now, at open (reads the whole dataset
+            once; for version-1 datasets, the only check there is). "never" (or False): not at
+            all, the opt-out for a dataset you trust or measure raw speed on; corrupted bytes
+            then arrive as data. Headers and sizes are checked in every mode.
 
     Raises:
         DataError: The manifest or a file is missing, truncated, corrupt or inconsistent.
 
+    Warns:
+        UnverifiedDataWarning: The files are in format version 1 (no block checksums) and
+            ``verify="on_read"``: nothing checks what is read. Re-write the dataset, or open
+            it with ``verify="open"``.
+
+    Attributes:
+        verification: What checks the bytes read: "blocks" (each block on first read),
+            "open" (everything was checked at open), "unverified" (a version-1 dataset opened
+            with "on_read": nothing), or "never" (the opt-out).
+        metadata: The dict given to the writer's ``metadata=`` ({} if none).
+
     Thread-safe for reading; the maps stay valid while any loader over it lives.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], verify: bool = False) -> None:
+    def __init__(self, path: Union[str, os.PathLike], verify: Union[str, bool] = "on_read") -> None:
         self.path = os.fspath(path)
+        self.verify = _verify_mode(verify)
         manifest = _read_manifest(self.path)
+        self.version: int = manifest["version"]
+        self.metadata: dict[str, Any] = manifest.get("metadata", {})
         self.fields: dict[str, FieldInfo] = {}
         specs = []
         for name, info in manifest["fields"].items():
@@ -69,11 +97,21 @@ class Dataset:
         self._starts = np.cumsum([0, *self._shard_counts])
         _check_every_file_listed(self.path, [s[4] for s in specs])
         try:
-            self._core = _core.MmapDataset(specs, self._shard_counts, verify)
+            self._core = _core.MmapDataset(specs, self._shard_counts, _VERIFY_MODES[self.verify], self.version)
         except FileNotFoundError as e:
             raise DataError(f"dataset file {e.filename} is missing from {self.path}. {_HINT}") from e
         self._names = list(self.fields)
-        self._views: dict[tuple[int, int], Any] = {}
+        self.verification = self._verification()
+        if self.verification == "unverified":
+            warnings.warn(
+                UnverifiedDataWarning(
+                    f"{self.path} is a format-version-1 dataset, which has no block checksums: reads are not "
+                    "checked, and a corrupted byte would be returned as data. Re-write it with "
+                    "pe.data.write_dataset (format 2 checks each block on first read), or open it with "
+                    'verify="open" to check the whole payload once now.'
+                ),
+                stacklevel=2,
+            )
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -86,36 +124,48 @@ class Dataset:
     def nbytes(self) -> int:
         """Payload bytes of all fields (what an epoch reads)."""
         return sum(
-            int(self._core.payload(f, s).nbytes) for f in range(len(self._names)) for s in range(self.num_shards)
+            int(self._core.payload_bytes(f, s)) for f in range(len(self._names)) for s in range(self.num_shards)
         )
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """Sample `index` (negative counts from the end) as fresh arrays, checked first.
+
+        Raises:
+            IndexError: `index` is out of range.
+            DataError: a block holding it fails its checksum, or a file shrank while open.
+        """
         n = len(self)
         i = int(index)
         if i < 0:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"sample {index} out of range for a dataset of {n}")
-        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
-        local = i - int(self._starts[shard])
-        return {name: self._sample(f, shard, local) for f, name in enumerate(self._names)}
+        out = {}
+        for (name, field), raw in zip(self.fields.items(), self._core.read_sample(i)):
+            values = raw.view(field.dtype)
+            out[name] = values.reshape(field.shape) if field.kind == "fixed" else values
+        return out
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}: {v.kind} {v.dtype} {v.shape}" for k, v in self.fields.items())
         return f"Dataset({self.path!r}, {len(self)} samples, {{{fields}}})"
 
-    def _sample(self, f: int, shard: int, local: int) -> np.ndarray:
-        field = self.fields[self._names[f]]
-        views = self._views.get((f, shard))
-        if views is None:
-            views = self._views[(f, shard)] = (self._core.payload(f, shard), self._core.offsets(f, shard))
-        payload, offsets = views
-        if offsets is None:
-            size = field.sample_bytes
-            raw = payload[local * size : (local + 1) * size]
-            return raw.view(field.dtype).reshape(field.shape).copy()
-        start, end = int(offsets[local]), int(offsets[local + 1])
-        return payload[start:end].view(field.dtype).copy()
+    def _verification(self) -> str:
+        if self.verify == "never":
+            return "never"
+        if self.verify == "open":
+            return "open"
+        return "blocks" if self._core.checks_blocks else "unverified"
+
+
+def _verify_mode(verify: Union[str, bool]) -> str:
+    if verify is True:
+        return "open"
+    if verify is False:
+        return "never"
+    if verify not in _VERIFY_MODES:
+        raise ValueError(f'verify must be "on_read", "open" (or True) or "never" (or False), got {verify!r}')
+    return str(verify)
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -146,11 +196,14 @@ def _check_manifest(manifest: Any, manifest_path: str) -> None:
     ValueError for the caller to report as malformed."""
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise DataError(f"{manifest_path} is not a pyengine dataset manifest. {_HINT}")
-    if manifest.get("version") != fmt.FORMAT_VERSION:
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version not in fmt.READABLE_VERSIONS:
         raise DataError(
-            f"{manifest_path} has format version {manifest.get('version')!r}; this pyengine reads "
-            f"version {fmt.FORMAT_VERSION}. {_HINT}"
+            f"{manifest_path} has format version {version!r}; this pyengine reads versions "
+            f"{', '.join(map(str, fmt.READABLE_VERSIONS))}. {_HINT}"
         )
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise DataError(f"{manifest_path} has metadata that is not a JSON object. {_HINT}")
     counts = manifest["shard_counts"]
     # Counts become uint64 in the core and int64 prefix sums here: their total must fit both.
     if (

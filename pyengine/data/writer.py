@@ -18,22 +18,24 @@ Chunk = Mapping[str, Union[np.ndarray, Sequence[Any]]]
 
 
 class _FieldShardFile:
-    """One field's file of the shard being written: payload streamed, header written last."""
+    """One field's file of the shard being written: payload streamed (its block CRC32Cs computed
+    as it goes), then the offset table (variable fields) and block table, header written last."""
 
-    def __init__(self, path: str, kind: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, path: str, kind: int, dtype: np.dtype, shape: tuple[int, ...], block_bytes: int
+    ) -> None:
         self.path, self.kind, self.dtype, self.shape = path, kind, dtype, shape
+        self.block_bytes = block_bytes
         self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()
         self.file.write(bytes(fmt.HEADER_BYTES))
         self.count = 0
-        self.payload_bytes = 0
-        self.crc = 0
+        self.checksums = _core.BlockChecksumWriter(block_bytes)
         self.offsets = [0]
 
     def write(self, data: np.ndarray, count: int, sizes: Optional[list[int]] = None) -> None:
         buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         self.file.write(memoryview(buf))
-        self.crc = _core.crc32c(buf, self.crc)
-        self.payload_bytes += buf.nbytes
+        self.checksums.update(buf)
         self.count += count
         if sizes is not None:
             for s in sizes:
@@ -41,22 +43,31 @@ class _FieldShardFile:
 
     def finish(self, durable: bool) -> None:
         itemsize = self.dtype.itemsize
+        payload_bytes = self.checksums.payload_bytes
+        self.file.write(fmt.align8_padding(payload_bytes))
+        offsets_crc = 0
         if self.kind == fmt.FIXED:
             sample_bytes = int(np.prod(self.shape, dtype=np.int64)) * itemsize
         else:
             sample_bytes = itemsize
-            self.file.write(bytes(-self.payload_bytes % 8))
-            self.file.write(np.asarray(self.offsets, dtype="<u8").tobytes())
+            table = np.asarray(self.offsets, dtype="<u8")
+            offsets_crc = _core.crc32c(table)
+            self.file.write(table.tobytes())
+        block_table = self.checksums.table()
+        self.file.write(block_table)
         self.file.seek(0)
         self.file.write(
             fmt.pack_header(
                 self.kind,
                 self.count,
                 sample_bytes,
-                self.payload_bytes,
-                self.crc,
+                payload_bytes,
+                self.checksums.payload_crc32c,
                 self.dtype,
                 self.shape if self.kind == fmt.FIXED else (),
+                self.block_bytes,
+                _core.crc32c(np.frombuffer(block_table, dtype=np.uint8)),
+                offsets_crc,
             )
         )
         self.file.flush()
@@ -81,6 +92,11 @@ class DatasetWriter:
         durable: fsync files and directory before returning from close().
         progress: Show a progress line (None: only on a terminal).
         total: Expected samples, for the progress line.
+        metadata: A dict stored in dataset.json and returned as ``Dataset.metadata`` (class
+            names, provenance, ...); it must come back from JSON unchanged (string keys; lists,
+            not tuples; no NaN).
+        block_bytes: Payload bytes per checksummed block (a power of two, 512 B to 1 GiB);
+            the default suits every use but tests that want many blocks in a small file.
 
     Not thread-safe: one thread appends.
     """
@@ -95,8 +111,13 @@ class DatasetWriter:
         durable: bool = True,
         progress: Optional[bool] = None,
         total: Optional[int] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        block_bytes: int = fmt.BLOCK_BYTES,
     ) -> None:
         self.path = os.fspath(path)
+        self._metadata = _checked_metadata(metadata)
+        fmt.check_block_bytes(block_bytes)
+        self._block_bytes = block_bytes
         if os.path.exists(self.path) and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
         if samples_per_shard is not None and samples_per_shard < 1:
@@ -154,6 +175,7 @@ class DatasetWriter:
             "num_samples": sum(self._shard_counts),
             "shard_counts": self._shard_counts,
             "fields": self._fields,
+            "metadata": self._metadata,
         }
         with open(os.path.join(self._tmp, fmt.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
@@ -226,7 +248,9 @@ class DatasetWriter:
         if f is None:
             kind = fmt.FIXED if info["kind"] == "fixed" else fmt.VARIABLE
             path = os.path.join(self._tmp, fmt.shard_file_name(name, len(self._shard_counts)))
-            f = self._open[name] = _FieldShardFile(path, kind, np.dtype(info["dtype"]), tuple(info["shape"]))
+            f = self._open[name] = _FieldShardFile(
+                path, kind, np.dtype(info["dtype"]), tuple(info["shape"]), self._block_bytes
+            )
         if info["kind"] == "fixed":
             f.write(col, count)
         else:
@@ -241,6 +265,23 @@ class DatasetWriter:
             self._open.pop(name).finish(self._durable)
         self._shard_counts.append(self._in_shard)
         self._in_shard = 0
+
+
+def _checked_metadata(metadata: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
+    if json.loads(text) != metadata:
+        raise ValueError(
+            "metadata must come back from JSON unchanged (string keys, lists rather than tuples): "
+            f"{metadata!r} would be read back as {json.loads(text)!r}"
+        )
+    return json.loads(text)
 
 
 def _as_1d(x: Any, dtype: np.dtype) -> np.ndarray:
@@ -270,7 +311,7 @@ def write_dataset(
             arrays make variable-length fields), or an iterable of such chunks for data that
             does not fit in memory.
         **options: Passed to :class:`DatasetWriter` (samples_per_shard, shard_bytes,
-            overwrite, durable, progress, total).
+            overwrite, durable, progress, total, metadata, block_bytes).
 
     Returns:
         The written dataset.

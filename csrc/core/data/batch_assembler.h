@@ -3,6 +3,10 @@
 // Buffer layout, each part 64-byte aligned:
 //   fixed field:    batch_len * sample_bytes bytes, samples in batch order
 //   variable field: int64 offsets[batch_len + 1] (in elements), then the elements
+// Integrity: each sample's payload blocks are checked (ShardFile::verify: once per block per
+// process) before its bytes are copied, and before the block cache is filled from them. All
+// reads of the maps run in guarded regions (one for the sizes, one for the copies): a file
+// that shrinks under the loader is a DataError naming it, and the half-built batch is dropped.
 // Concurrency: immutable after construction; any number of threads may assemble batches.
 #pragma once
 
@@ -35,7 +39,8 @@ class BatchAssembler {
  public:
   BatchAssembler(std::shared_ptr<const MmapDataset> dataset, uint64_t cache_bytes, size_t pool_keep_free);
 
-  // Reads samples indices[0..n) into a fresh pooled buffer.
+  // Reads samples indices[0..n) into a fresh pooled buffer. Throws DataError (a bad block, a
+  // file that shrank) or InvalidArgument (an index out of range).
   Batch assemble(const uint64_t* indices, uint64_t n) const;
   // Bytes a batch of n samples needs when every field is fixed-size; 0 otherwise.
   uint64_t fixed_batch_bytes(uint64_t n) const;

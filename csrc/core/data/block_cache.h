@@ -7,6 +7,13 @@
 // size, only capacity misses remain, and there is no eviction churn). Misses read from the
 // memory map directly.
 //
+// Integrity: before a block is filled, `check_before_fill` (if given) sees its byte range and
+// may throw (the assembler checks the dataset's block checksums there), so the cache never
+// holds bytes no check has passed. The fill copies from the map inside its own guarded region
+// (common/mapped_read_guard.h): if the file shrank meanwhile, the block is left empty, its
+// budget returned and MappedReadFault rethrown to the caller. copy() reads mapped memory, so
+// call it inside a guarded region.
+//
 // Concurrency: lock-free; any number of reader threads. A block is filled by the one
 // thread that wins its state from kEmpty to kFilling, published with a release store;
 // others read the map meanwhile. Blocks are freed only in the destructor.
@@ -14,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -23,8 +31,12 @@ class BlockCache {
  public:
   static constexpr uint64_t kBlockBytes = uint64_t{1} << 20;
 
+  // Called with (region, offset, bytes) before a block is filled; throws to refuse the fill.
+  using FillCheck = std::function<void(size_t, uint64_t, uint64_t)>;
+
   // regions[i] = (base, bytes) of region i (a field-shard payload); budget 0 disables.
-  BlockCache(const std::vector<std::pair<const uint8_t*, uint64_t>>& regions, uint64_t budget_bytes);
+  BlockCache(const std::vector<std::pair<const uint8_t*, uint64_t>>& regions, uint64_t budget_bytes,
+             FillCheck check_before_fill = nullptr);
   ~BlockCache();
   BlockCache(const BlockCache&) = delete;
   BlockCache& operator=(const BlockCache&) = delete;
@@ -50,10 +62,13 @@ class BlockCache {
   };
 
   // Returns the cached copy of a block, filling it if budget allows, else nullptr.
-  const uint8_t* block_data(Region& r, uint64_t block);
+  const uint8_t* block_data(size_t region, uint64_t block);
+  // Gives back a claimed block's budget and state after its fill failed.
+  void release_claim(Block& blk, uint64_t len);
 
   std::vector<Region> regions_;
   const uint64_t budget_;
+  const FillCheck check_before_fill_;
   std::atomic<uint64_t> used_{0};
   std::atomic<bool> full_{false};
   std::atomic<uint64_t> hits_{0};
