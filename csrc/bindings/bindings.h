@@ -8,5 +8,6 @@ namespace pe::bindings {
 void bind_errors(pybind11::module_& m);
 void bind_checkpoint(pybind11::module_& m);
 void bind_data(pybind11::module_& m);
+void bind_image(pybind11::module_& m);
 
 }  // namespace pe::bindings

@@ -5,4 +5,5 @@ PYBIND11_MODULE(_core, m) {
   pe::bindings::bind_errors(m);
   pe::bindings::bind_checkpoint(m);
   pe::bindings::bind_data(m);
+  pe::bindings::bind_image(m);
 }
