@@ -22,8 +22,11 @@ BatchAssembler::BatchAssembler(std::shared_ptr<const MmapDataset> dataset, uint6
     : dataset_(std::move(dataset)),
       cache_(std::make_unique<BlockCache>(payload_regions(*dataset_), cache_bytes,
                                           [ds = dataset_.get()](size_t region, uint64_t offset, uint64_t n) {
-                                            ds->shard(region / ds->num_shards(), region % ds->num_shards())
-                                                .verify(offset, n);
+                                            const BlockChecksums* checks =
+                                                ds->shard(region / ds->num_shards(), region % ds->num_shards())
+                                                    .block_checksums();
+                                            return checks == nullptr ||
+                                                   checks->first_bad_block(offset, n) == BlockChecksums::kNoBlock;
                                           })),
       pool_(std::make_shared<BatchPool>(pool_keep_free)) {}
 

@@ -36,10 +36,14 @@ const uint8_t* BlockCache::block_data(size_t region, uint64_t block) {
   Block& blk = r.blocks[block];
   uint8_t state = blk.state.load(std::memory_order_acquire);
   if (state == kReady) return blk.data;
-  if (state == kFilling || full_.load(std::memory_order_relaxed)) return nullptr;
+  if (state == kFilling || state == kRefused || full_.load(std::memory_order_relaxed)) return nullptr;
   const uint64_t start = block * kBlockBytes;
   const uint64_t len = r.bytes - start < kBlockBytes ? r.bytes - start : kBlockBytes;
-  if (check_before_fill_) check_before_fill_(region, start, len);  // before claiming: it may throw
+  if (check_before_fill_ && !check_before_fill_(region, start, len)) {
+    uint8_t empty = kEmpty;  // only from kEmpty: a block being filled or filled stays so
+    blk.state.compare_exchange_strong(empty, kRefused, std::memory_order_acq_rel);
+    return nullptr;
+  }
   // Claim first, charge second: if losers of the claim charged too, the count could pass the
   // budget for a moment and make a reader of another block mark the cache full for good.
   uint8_t expected = kEmpty;

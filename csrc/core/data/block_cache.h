@@ -7,9 +7,10 @@
 // size, only capacity misses remain, and there is no eviction churn). Misses read from the
 // memory map directly.
 //
-// Integrity: before a block is filled, `check_before_fill` (if given) sees its byte range and
-// may throw (the assembler checks the dataset's block checksums there), so the cache never
-// holds bytes no check has passed. The fill copies from the map inside its own guarded region
+// Integrity: before a block is filled, `check_before_fill` (if given) sees its byte range (the
+// assembler checks the dataset's block checksums there); a block that fails is never cached
+// and always read from the map, where the reader's own check refuses only the samples in the
+// bad part. So the cache never holds bytes no check has passed. The fill copies from the map inside its own guarded region
 // (common/mapped_read_guard.h): if the file shrank meanwhile, the block is left empty, its
 // budget returned and MappedReadFault rethrown to the caller. copy() reads mapped memory, so
 // call it inside a guarded region.
@@ -31,8 +32,8 @@ class BlockCache {
  public:
   static constexpr uint64_t kBlockBytes = uint64_t{1} << 20;
 
-  // Called with (region, offset, bytes) before a block is filled; throws to refuse the fill.
-  using FillCheck = std::function<void(size_t, uint64_t, uint64_t)>;
+  // Called with (region, offset, bytes) before a block is filled; false refuses the fill.
+  using FillCheck = std::function<bool(size_t, uint64_t, uint64_t)>;
 
   // regions[i] = (base, bytes) of region i (a field-shard payload); budget 0 disables.
   BlockCache(const std::vector<std::pair<const uint8_t*, uint64_t>>& regions, uint64_t budget_bytes,
@@ -50,7 +51,7 @@ class BlockCache {
   uint64_t miss_bytes() const { return misses_.load(std::memory_order_relaxed); }
 
  private:
-  enum State : uint8_t { kEmpty = 0, kFilling = 1, kReady = 2 };
+  enum State : uint8_t { kEmpty = 0, kFilling = 1, kReady = 2, kRefused = 3 };
   struct Block {
     std::atomic<uint8_t> state{kEmpty};
     uint8_t* data = nullptr;
