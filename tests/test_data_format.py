@@ -140,11 +140,53 @@ def test_corrupt_offset_table_is_a_data_error(written):
         pe.data.Dataset(written)
 
 
-def test_corrupt_payload_is_found_by_verify(written):
+def test_corrupt_payload_is_found_on_read_or_by_verify_at_open(written):
     _damage(written / "x.00002.bin", 4096 + 100, b"\xff\xff\xff\xff")
-    pe.data.Dataset(written)  # sizes still agree: the default open does not read payloads
+    ds = pe.data.Dataset(written)  # sizes still agree: the default open does not read payloads
+    with pytest.raises(pe.DataError, match=r"x\.00002\.bin has corrupt data.*samples 80 to 99"):
+        ds[81]
     with pytest.raises(pe.DataError, match=r"x\.00002\.bin has corrupt data"):
         pe.data.Dataset(written, verify=True)
+
+
+def test_corrupt_offset_or_block_table_is_found_at_open(written):
+    path = written / "tok.00001.bin"
+    size = os.path.getsize(path)
+    _damage(path, size - 1, b"\x01")  # the block table ends the file
+    with pytest.raises(pe.DataError, match=r"tok\.00001\.bin has a corrupt block checksum table"):
+        pe.data.Dataset(written)
+    _damage(path, size - 1, b"\x00")
+    with open(path, "rb") as fh:
+        original = fh.read()
+    # The offset table: entry 1 moved by a whole element, still monotonic and inside the payload.
+    table_at = (4096 + int.from_bytes(original[32:40], "little") + 7) // 8 * 8
+    entry = int.from_bytes(original[table_at + 8 : table_at + 16], "little")
+    _damage(path, table_at + 8, (entry + 4).to_bytes(8, "little"))
+    with pytest.raises(pe.DataError, match=r"tok\.00001\.bin has a corrupt offset table \(checksum mismatch\)"):
+        pe.data.Dataset(written)
+    assert pe.data.Dataset(written, verify="never")[40]["tok"].size != 0  # the shifted data, unchecked
+
+
+def test_metadata_round_trips_and_must_be_plain_json(tmp_path):
+    meta = {"classes": ["cat", "dog"], "source": {"url": "file:///x", "n": 3, "ok": True, "none": None}}
+    ds = write_dataset(tmp_path / "m", {"x": np.zeros(2)}, metadata=meta)
+    assert ds.metadata == meta and pe.data.Dataset(tmp_path / "m").metadata == meta
+    assert write_dataset(tmp_path / "e", {"x": np.zeros(2)}).metadata == {}
+    for bad, why in (
+        (["a"], "must be a dict"),
+        ({"f": np.float32(1)}, "JSON-serialisable"),
+        ({"t": (1, 2)}, "come back from JSON unchanged"),
+        ({1: "a"}, "come back from JSON unchanged"),
+        ({"x": float("nan")}, "JSON-serialisable"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            DatasetWriter(tmp_path / "bad", metadata=bad)
+        assert not os.path.exists(tmp_path / "bad")
+    manifest = json.loads((tmp_path / "m" / "dataset.json").read_text())
+    manifest["metadata"] = ["not", "a", "dict"]
+    (tmp_path / "m" / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(pe.DataError, match="metadata that is not a JSON object"):
+        pe.data.Dataset(tmp_path / "m")
 
 
 def test_swapped_files_do_not_match_the_manifest(written):
