@@ -9,7 +9,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'read_shards', 'verify_file']
+__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'crop_resize', 'read_shards', 'verify_file']
 class WriteSource:
     """
     One tensor to save: its name, safetensors dtype, shape and a 1-D contiguous buffer of its bytes. Holds the buffer (and its exporter) for its whole life.
@@ -232,6 +232,10 @@ def crc32c_hardware_available() -> bool:
 def crc32c_portable(arg0: typing_extensions.Buffer) -> int:
     """
     CRC32C by the table implementation (for tests of the hardware path).
+    """
+def crop_resize(image: numpy.ndarray, box: collections.abc.Sequence, height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, layout: str = 'HWC', hflip: bool = False, out: typing.Any = None) -> numpy.ndarray:
+    """
+    Crops `box` = (left, top, right, bottom) (source pixels, may be fractional) of a uint8 [H, W] or [H, W, 1|3] image and resizes it to height x width with antialiased bilinear filtering (Pillow's BILINEAR), mirrored left-right if hflip. Returns uint8 [height, width, 3] (layout 'HWC') or [3, height, width] ('CHW'), written into `out` when given. Gray is expanded to RGB. Releases the GIL while it works; raises ValueError for bad arrays or a box outside the image.
     """
 def read_shards(shards: list[ShardRead], threads: typing.SupportsInt | typing.SupportsIndex = 4) -> None:
     """

@@ -29,7 +29,8 @@ image::SourceImage source_view(const py::array& src) {
   const int channels = src.ndim() == 2 ? 1 : static_cast<int>(src.shape(2));
   if (channels != 1 && channels != 3)
     throw InvalidArgument("image must have 1 or 3 channels, got shape " + shape_text(src));
-  const bool packed_pixels = src.strides(1) == channels && (src.ndim() == 2 || src.strides(2) == 1);
+  // A channel axis of length 1 may have any stride (numpy gives [:, :, None] a stride of 0).
+  const bool packed_pixels = src.strides(1) == channels && (src.ndim() == 2 || channels == 1 || src.strides(2) == 1);
   if (!packed_pixels || src.strides(0) < src.shape(1) * channels)
     throw InvalidArgument("image pixels must be contiguous within each row (use np.ascontiguousarray)");
   return image::SourceImage{static_cast<const uint8_t*>(src.data()), src.shape(0), src.shape(1), channels,

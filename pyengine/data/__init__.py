@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 from pyengine.data.dataset import Dataset, FieldInfo
+from pyengine.data.image import CenterCrop, RandomResizedCrop
+from pyengine.data.image_folder import write_image_folder
 from pyengine.data.loader import Loader
 from pyengine.data.sample_transform import SampleTransformError, sample_rng
 from pyengine.data.torch_interop import from_torch_dataset
@@ -19,13 +21,16 @@ from pyengine.data.writer import DatasetWriter, write_dataset
 from pyengine.errors import UnverifiedDataWarning
 
 __all__ = [
+    "CenterCrop",
     "Dataset",
     "DatasetWriter",
     "FieldInfo",
     "Loader",
+    "RandomResizedCrop",
     "SampleTransformError",
     "UnverifiedDataWarning",
     "from_torch_dataset",
     "sample_rng",
     "write_dataset",
+    "write_image_folder",
 ]
