@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import os
@@ -12,17 +13,28 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from pyengine.tune.pruners import Pruner
 from pyengine.tune.samplers import History, Sampler, make_sampler
 from pyengine.tune.space import Param, Space
-from pyengine.tune.storage import Storage
+from pyengine.tune.storage import DuplicateTrial, Snapshot, Storage, Transaction, open_storage
 from pyengine.tune.trial import FrozenTrial, Trial, TrialPruned, TrialState
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()
+_PENDING = (TrialState.RUNNING, TrialState.WAITING)
+# Suggestions made on a snapshot that turned out stale before the next one is made under the
+# write lock (serialised as before this existed, but always consistent).
+_OPTIMISTIC_ATTEMPTS = 3
+# A trial started since the snapshot changes the pending set materially when it lies this
+# close to the proposal, as a fraction of the unit cube's diagonal: the constant liar would
+# have pushed the proposal away from it. Farther pending points barely move LogEI.
+_NEAR = 0.1
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,27 +71,50 @@ class _Budget:
             return True
 
 
+@dataclass
+class ClaimStats:
+    """What choosing new trials cost this `Study` object (all its threads)."""
+
+    suggestions: int = 0  # sampler.suggest calls
+    suggest_s: float = 0.0  # seconds in sampler.suggest, with or without the lock
+    stale: int = 0  # suggestions dropped at the claim: taken meanwhile, or a new pending point near
+    in_lock: int = 0  # suggestions made under the write lock
+
+
 class Study:
     """A hyperparameter search whose every trial is recorded in storage as it happens.
 
     Concurrency contract: `optimize(n_workers=k)` runs k threads in this process; several
-    processes may run `optimize` on the same storage file at the same time. Choosing a new
-    point happens inside one database write transaction that also inserts the trial, so every
-    worker sees every running trial when it chooses (no two get the same configuration). A
-    trial left RUNNING by a dead worker (same host: its pid is gone; any host: no heartbeat
-    for `grace_period_s`) is re-queued up to `max_retries` times, then marked FAILED; a
-    re-queued trial resumes from its own checkpoint directory.
+    processes (on one host with SQLite, on many with PostgreSQL) may run `optimize` on the same
+    storage at once. A worker chooses a new point WITHOUT holding the write lock: it reads a
+    snapshot of the study, runs `sampler.suggest` on it (running and queued trials are its
+    pending points), then claims the point in a short transaction that re-checks it. The claim
+    is refused, and the suggestion made again on a fresh snapshot, when a trial took the same
+    configuration meanwhile (so no two trials ever have the same configuration) or when a
+    trial started meanwhile within 10% of the cube's diagonal of it (the constant liar would
+    have moved it away); after 3 refusals the suggestion is made inside the transaction, as a
+    fully serialised fallback. Other pending changes (trials started elsewhere in the space,
+    values completed meanwhile) do not invalidate a suggestion, so a claimed trial may have
+    been chosen on a slightly older history, and its number may be later than the one the
+    sampler was told. A trial left RUNNING by a dead worker (same host: its pid is gone; any
+    host: no heartbeat for `grace_period_s`, measured on the storage's clock: the server's
+    for PostgreSQL, this host's for SQLite) is re-queued up to `max_retries` times, then
+    marked FAILED; a re-queued trial resumes from its own checkpoint directory.
 
     Args:
         space: dict of parameter name -> `Uniform` / `LogUniform` / `IntUniform` / `Choice`.
         direction: "minimize" or "maximize".
         sampler: "grid", "random", "bayes" or a `Sampler`.
-        storage: None (in memory) or a SQLite file path; reopening a file continues its study.
+        storage: None (in memory), a SQLite file path, a `postgresql://` URL (libpq form; a
+            Unix socket as `postgresql:///db?host=/socket/dir`; needs `pip install
+            "pyengine[postgres]"`) or a `pe.tune.storage.Storage`. Reopening a file or URL
+            continues its study.
         seed: seeds every sampler decision (per trial, from (seed, trial number)).
         pruner: None, `MedianPruner()` or `ASHAPruner()`.
         study_name: several studies may share one file under different names.
-        checkpoint_root: where trial checkpoint directories go (default: beside the storage
-            file, or a temporary directory for an in-memory study).
+        checkpoint_root: where trial checkpoint directories go (default: beside the SQLite
+            file; for PostgreSQL the current directory, so workers on several hosts must pass
+            one they all see; a temporary directory for an in-memory study).
         heartbeat_interval_s: how often running trials prove their worker is alive.
         grace_period_s: silence after which another host's running trial counts as dead.
         max_retries: re-queues of a trial whose worker died before it is marked FAILED.
@@ -110,10 +145,10 @@ class Study:
         self.direction, self.seed, self.pruner = direction, seed, pruner
         self.sampler = make_sampler(sampler)
         self._sign = 1.0 if direction == "minimize" else -1.0
-        self._storage = Storage(storage)
+        self._storage: Storage = open_storage(storage)
         self._storage.open_study(study_name, direction, self.space.to_json(), seed)
-        if checkpoint_root is None and storage is not None:
-            checkpoint_root = Path(storage).with_name(Path(storage).stem + f"-{study_name}-trials")
+        if checkpoint_root is None:
+            checkpoint_root = self._storage.default_checkpoint_root(study_name)
         # An in-memory study gets a temporary directory, made only if a trial asks for one.
         self._checkpoint_root = None if checkpoint_root is None else Path(checkpoint_root)
         self.heartbeat_interval_s, self.grace_period_s, self.max_retries = (
@@ -123,6 +158,8 @@ class Study:
         )
         self._running: set[int] = set()
         self._running_lock = threading.Lock()
+        self.claim_stats = ClaimStats()
+        self._suggest_in_lock = False  # True: every suggestion under the write lock (the old way; benchmarks)
 
     # ---- results -------------------------------------------------------------------------
 
@@ -263,61 +300,134 @@ class Study:
                 log.warning("heartbeat failed: %s", e)
 
     def _claim(self, budget: _Budget) -> tuple[FrozenTrial, bool] | None:
-        """Atomically pick the next trial: re-queued, then promotable paused, then a new one."""
-        with self._storage.transaction() as c:
-            trials = self._storage.trials(c)
-            self._reap_dead(c, trials)
-            for t in trials:
-                if t.state == TrialState.WAITING:
-                    return self._start(c, t), True
-            if self.pruner is not None and self.pruner.pauses:
-                for t in trials:
-                    others = [o for o in trials if o.number != t.number]
-                    if t.state == TrialState.PAUSED and self.pruner.promotable(t, others, self._sign):
-                        return self._start(c, t), True
-            if not budget.take():
-                return None
-            history = History(
-                complete=[(t.params, self._sign * t.value) for t in trials if t.state == TrialState.COMPLETE],
-                pending=[t.params for t in trials if t.state == TrialState.RUNNING],
-                seen_keys={self.space.key(t.params) for t in trials},
-                number=len(trials),
-                seed=self.seed,
-            )
-            params = self.sampler.suggest(self.space, history)
+        """The next trial to run: re-queued, then promotable paused, then a new one."""
+        snap = self._storage.snapshot()
+        if self._has_queued_work(snap):
+            queued = self._storage.atomic(self._take_queued, "queue")
+            if queued is not None:
+                return self._started(queued), True
+        if not budget.take():
+            return None
+        attempts = 0 if self._suggest_in_lock else _OPTIMISTIC_ATTEMPTS
+        for _ in range(attempts):
+            params = self._suggest(snap.trials)
             if params is None:
                 log.info("the sampler has no new configuration left; stopping")
                 return None
-            frozen = self._storage.insert_trial(c, params, self.space.key(params), _HOST, os.getpid())
-        with self._running_lock:
-            self._running.add(frozen.id)
-        return frozen, False
+            claim = functools.partial(self._claim_unless_stale, params=params, seen=snap.trials)
+            try:
+                outcome = self._storage.atomic(claim, "claim")
+            except DuplicateTrial as e:  # only a writer that ignores the lock gets here
+                outcome = str(e)
+            if isinstance(outcome, FrozenTrial):
+                return self._started(outcome), False
+            with self._running_lock:
+                self.claim_stats.stale += 1
+            log.debug("trial suggestion dropped at the claim: %s", outcome)
+            snap = self._storage.snapshot()
+        frozen = self._storage.atomic(self._suggest_and_insert, "claim-in-lock")
+        if frozen is None:
+            log.info("the sampler has no new configuration left; stopping")
+            return None
+        return self._started(frozen), False
 
-    def _start(self, c: Any, t: FrozenTrial) -> FrozenTrial:
-        self._storage.set_state(c, t.id, TrialState.RUNNING, host=_HOST, pid=os.getpid())
-        t.state, t.host, t.pid = TrialState.RUNNING, _HOST, os.getpid()
+    def _history(self, trials: list[FrozenTrial]) -> History:
+        return History(
+            complete=[(t.params, self._sign * t.value) for t in trials if t.state == TrialState.COMPLETE],
+            pending=[t.params for t in trials if t.state in _PENDING],
+            seen_keys={self.space.key(t.params) for t in trials},
+            number=len(trials),
+            seed=self.seed,
+        )
+
+    def _suggest(self, trials: list[FrozenTrial], in_lock: bool = False) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        params = self.sampler.suggest(self.space, self._history(trials))
+        with self._running_lock:
+            self.claim_stats.suggestions += 1
+            self.claim_stats.suggest_s += time.perf_counter() - t0
+            self.claim_stats.in_lock += in_lock
+        return params
+
+    def _claim_unless_stale(
+        self, tx: Transaction, params: dict[str, Any], seen: list[FrozenTrial]
+    ) -> FrozenTrial | str:
+        """Insert `params` (suggested on `seen`) unless the study changed under it; else say why."""
+        key = self.space.key(params)
+        if tx.has_key(key):
+            return f"{key} was taken meanwhile"
+        pending_before = {t.id for t in seen if t.state in _PENDING}
+        x = self.space.encode(params)
+        near = _NEAR * math.sqrt(self.space.dim)
+        for t in tx.trials(intermediate=False, states=_PENDING):
+            if t.id not in pending_before and float(np.linalg.norm(self.space.encode(t.params) - x)) < near:
+                return f"trial {t.number} started meanwhile near {key}"
+        return tx.insert_trial(params, key, _HOST, os.getpid())
+
+    def _suggest_and_insert(self, tx: Transaction) -> FrozenTrial | None:
+        params = self._suggest(tx.trials(intermediate=False), in_lock=True)
+        if params is None:
+            return None
+        key = self.space.key(params)
+        if tx.has_key(key):
+            raise ValueError(
+                f"sampler {type(self.sampler).__name__} proposed {params}, which a trial of the study already has: "
+                "a Sampler must return a configuration outside History.seen_keys, or None when none is left"
+            )
+        return tx.insert_trial(params, key, _HOST, os.getpid())
+
+    def _started(self, t: FrozenTrial) -> FrozenTrial:
         with self._running_lock:
             self._running.add(t.id)
         return t
 
-    def _reap_dead(self, c: Any, trials: list[FrozenTrial]) -> None:
-        now = time.time()
+    def _looks_dead(self, t: FrozenTrial, now: float) -> bool:
+        if t.state != TrialState.RUNNING or (t.host == _HOST and t.pid == os.getpid()):
+            return False
+        dead_here = t.host == _HOST and t.pid is not None and not _pid_alive(t.pid)
+        silent = t.heartbeat is not None and now - t.heartbeat > self.grace_period_s
+        return dead_here or silent
+
+    def _promotable(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
+        if self.pruner is None or not self.pruner.pauses:
+            return None
         for t in trials:
-            if t.state != TrialState.RUNNING or (t.host == _HOST and t.pid == os.getpid()):
-                continue
-            dead_here = t.host == _HOST and t.pid is not None and not _pid_alive(t.pid)
-            silent = t.heartbeat is not None and now - t.heartbeat > self.grace_period_s
-            if not (dead_here or silent):
+            others = [o for o in trials if o.number != t.number]
+            if t.state == TrialState.PAUSED and self.pruner.promotable(t, others, self._sign):
+                return t
+        return None
+
+    def _has_queued_work(self, snap: Snapshot) -> bool:
+        """Whether the snapshot shows a trial to reap, resume or promote (then `_take_queued` runs)."""
+        return (
+            any(t.state == TrialState.WAITING or self._looks_dead(t, snap.now) for t in snap.trials)
+            or self._promotable(snap.trials) is not None
+        )
+
+    def _take_queued(self, tx: Transaction) -> FrozenTrial | None:
+        """Under the lock: reap dead trials, then start a WAITING or a promotable PAUSED one."""
+        trials = tx.trials()
+        self._reap_dead(tx, trials, tx.now())
+        t = next((t for t in trials if t.state == TrialState.WAITING), None) or self._promotable(trials)
+        if t is None:
+            return None
+        tx.set_state(t.id, TrialState.RUNNING, host=_HOST, pid=os.getpid())
+        t.state, t.host, t.pid = TrialState.RUNNING, _HOST, os.getpid()
+        return t
+
+    def _reap_dead(self, tx: Transaction, trials: list[FrozenTrial], now: float) -> None:
+        for t in trials:
+            if not self._looks_dead(t, now):
                 continue
             if t.retries < self.max_retries:
                 log.warning(
                     "trial %d: worker %s:%s died; re-queued to resume from its checkpoint", t.number, t.host, t.pid
                 )
-                self._storage.set_state(c, t.id, TrialState.WAITING, retries_inc=1)
+                tx.set_state(t.id, TrialState.WAITING, retries_inc=1)
                 t.state, t.retries = TrialState.WAITING, t.retries + 1
             else:
                 msg = f"worker {t.host}:{t.pid} died while running it ({t.retries} retries used)"
-                self._storage.set_state(c, t.id, TrialState.FAILED, error=msg)
+                tx.set_state(t.id, TrialState.FAILED, error=msg)
                 t.state, t.error = TrialState.FAILED, msg
 
     def _run(
@@ -347,9 +457,8 @@ class Study:
         finally:
             with self._running_lock:
                 self._running.discard(frozen.id)
-            with self._storage.transaction() as c:
-                if state == TrialState.FAILED and error is None:
-                    error = "interrupted (KeyboardInterrupt or another exception outside `catch`)"
-                self._storage.set_state(c, frozen.id, state, value=value, error=error)
+            if state == TrialState.FAILED and error is None:
+                error = "interrupted (KeyboardInterrupt or another exception outside `catch`)"
+            self._storage.atomic(lambda tx: tx.set_state(frozen.id, state, value=value, error=error), "finish")
         if state == TrialState.FAILED and error:
             log.info("trial %d params %s: %s", frozen.number, frozen.params, error.splitlines()[-1])
