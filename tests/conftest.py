@@ -1,10 +1,11 @@
 """Shared pytest configuration: tests marked `gpu` skip cleanly without a CUDA device; the
-`one_torch_thread` fixture."""
+`one_torch_thread` fixture; the PostgreSQL fixtures of conftest_postgres.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest_postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
