@@ -19,14 +19,14 @@ wait_all() {  # fails (set -e) when any background compile failed
 # target -> the core sources it links: only the parsers under test and what they call.
 declare -A sources=(
   [fuzz_shard_reader]="checkpoint/shard_reader.cpp common/crc32c.cpp common/file_io.cpp"
-  [fuzz_shard_file]="data/shard_file.cpp common/crc32c.cpp"
-  [fuzz_mmap_dataset]="data/mmap_dataset.cpp data/shard_file.cpp common/crc32c.cpp"
+  [fuzz_shard_file]="data/shard_file.cpp data/block_checksums.cpp common/mapped_read_guard.cpp common/crc32c.cpp"
+  [fuzz_mmap_dataset]="data/mmap_dataset.cpp data/shard_file.cpp data/block_checksums.cpp common/mapped_read_guard.cpp common/crc32c.cpp"
 )
 
 # Each core file is compiled once and shared. The parsers get coverage instrumentation; the
 # code they call does not: coverage of CRC32C's inner loops guides the fuzzer nowhere and
 # made crc32c_combine most of each execution's time.
-uninstrumented=" common/crc32c.cpp common/file_io.cpp "
+uninstrumented=" common/crc32c.cpp common/file_io.cpp common/mapped_read_guard.cpp "
 obj() { echo "$out/obj/$(echo "$1" | tr / _).o"; }
 for s in $(printf '%s\n' ${sources[@]} | sort -u); do
   coverage=-fsanitize=fuzzer-no-link

@@ -2,14 +2,16 @@
 // over several shards, and locating samples in it.
 //
 // Input: what dataset.json promises, then the shard files:
-//   u8 shards (1..4), u8 flags (bit0: variable kind; bit1: verify payloads; bit2: a second
-//   field over the same files; bit3: rewrite each header's CRC32C to match the mutated header),
-//   u64 count per shard, u64 sample_bytes, char dtype[16]
+//   u8 shards (1..4), u8 flags (bit0: variable kind; bit1: verify payloads at open (else each
+//   block on read); bit2: a second field over the same files; bit3: rewrite each header's
+//   CRC32C to match the mutated header; bit4: dataset.json says format version 2 (else 1);
+//   bit5: verify never), u64 count per shard, u64 sample_bytes, char dtype[16]
 //   per shard:        u32 length, then that many bytes of the .bin file
 // fuzz/make_corpus.py writes real datasets of pe.data.write_dataset in this form.
 //
 // Contract: the constructor throws DataError / IoError / InvalidArgument, or the dataset holds
-// exactly the sum of the shard counts, and locate() maps every index to a sample that exists.
+// exactly the sum of the shard counts, locate() maps every index to a sample that exists, and
+// reading a located sample (sample_sizes, read_sample) gives its bytes or a DataError.
 #include <cstring>
 #include <vector>
 
@@ -48,6 +50,24 @@ void check_locate(const data::MmapDataset& ds, const std::vector<uint64_t>& coun
                 file.sample_size(local) <= file.payload_bytes() - file.sample_offset(local),
             "a located sample lies outside its payload");
   }
+  std::vector<uint64_t> sizes(ds.num_fields());
+  ds.sample_sizes(i, sizes.data());
+  std::vector<std::vector<uint8_t>> bytes(ds.num_fields());
+  std::vector<uint8_t*> dst;
+  for (size_t f = 0; f < ds.num_fields(); ++f) {
+    bytes[f].resize(sizes[f]);
+    dst.push_back(bytes[f].data());
+  }
+  try {
+    ds.read_sample(i, dst.data());
+  } catch (const pe::DataError&) {
+    return;  // a block that fails its checksum
+  }
+  for (size_t f = 0; f < ds.num_fields(); ++f) {
+    const data::ShardFile& file = ds.shard(f, shard);
+    require(sizes[f] == 0 || std::memcmp(bytes[f].data(), file.payload() + file.sample_offset(local), sizes[f]) == 0,
+            "read_sample() returned other bytes than the file holds");
+  }
 }
 
 }  // namespace
@@ -72,7 +92,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (flags & 4) fields.push_back(data::FieldSpec{"g", spec.kind, spec.sample_bytes, spec.dtype, spec.shard_paths});
 
   try {
-    data::MmapDataset ds(fields, counts, flags & 2);
+    const data::Verify verify =
+        (flags & 32) ? data::Verify::kNever : (flags & 2) ? data::Verify::kOpen : data::Verify::kOnRead;
+    data::MmapDataset ds(fields, counts, verify, (flags & 16) ? 2 : 1);
     unsigned __int128 total = 0;
     for (uint64_t c : counts) total += c;
     require(total == ds.size(), "the dataset's size is not the sum of its shards' counts");

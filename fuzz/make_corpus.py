@@ -1,6 +1,7 @@
 """Regenerates the fuzzers' committed inputs from files pyengine itself writes.
 
-    python fuzz/make_corpus.py        # rewrites fuzz/fixtures/ and fuzz/corpus/ (runs torchrun once)
+    python fuzz/make_corpus.py          # rewrites fuzz/fixtures/ and fuzz/corpus/ (runs torchrun once)
+    python fuzz/make_corpus.py dataset  # only the dataset fixture and the dataset targets' seeds
 
 fuzz/fixtures/ holds what the Python targets put their mutated manifest beside: a plain
 checkpoint step (pe.Checkpointer), a rank-sharded step (two gloo ranks, FullyShard, so shared
@@ -8,6 +9,8 @@ tensors are split into pieces) and a dataset (pe.data.write_dataset). fuzz/corpu
 holds each target's seed inputs, in the framing its source file describes: for the C++
 targets, what the manifest says about a file followed by the file; for the Python targets,
 a manifest as written and its bare JSON body (which the target seals with a valid checksum).
+The dataset targets get files of the current format and, so the reader of older files stays
+fuzzed, the version-1 files of tests/fixtures/dataset_v1 (named v1-*).
 Everything is small and seeded; only created_unix differs between two runs.
 """
 
@@ -19,6 +22,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,10 @@ import torch
 import pyengine as pe
 
 HERE = Path(__file__).resolve().parent
+DATASET_V1 = HERE.parent / "tests" / "fixtures" / "dataset_v1"
 STEP = 1
+# Framing flags of the dataset targets (see fuzz_shard_file.cpp, fuzz_mmap_dataset.cpp).
+VERIFY_AT_OPEN, VERSION_2 = 2, 16
 
 
 def trained_model(wrap=None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -119,7 +126,9 @@ def shard_reader_inputs(step: Path) -> dict[str, bytes]:
 
 def dataset_expectations(root: Path) -> list[tuple[str, int, list[int], int, str, list[int]]]:
     """(field, kind flag, shard counts, sample bytes, dtype, header shape) as dataset.json promises them."""
-    ds = pe.data.Dataset(root)
+    with warnings.catch_warnings():  # the version-1 fixture is unverified, and says so
+        warnings.simplefilter("ignore", pe.data.UnverifiedDataWarning)
+        ds = pe.data.Dataset(root)
     counts = json.loads(root.joinpath("dataset.json").read_text())["shard_counts"]
     return [
         (
@@ -134,25 +143,40 @@ def dataset_expectations(root: Path) -> list[tuple[str, int, list[int], int, str
     ]
 
 
-def shard_file_inputs(root: Path) -> dict[str, bytes]:
+def shard_file_inputs(root: Path, version_flag: int, prefix: str = "") -> dict[str, bytes]:
     out = {}
     for name, kind, counts, sample_bytes, dtype, shape in dataset_expectations(root):
         for s, count in enumerate(counts):
             data = root.joinpath(f"{name}.{s:05d}.bin").read_bytes()
-            head = struct.pack(
-                f"<BQQ16sB{len(shape)}Q", kind | 2, count, sample_bytes, dtype.encode(), len(shape), *shape
-            )
-            out[f"{name}-{s}"] = head + data
+            flags = kind | VERIFY_AT_OPEN | version_flag
+            head = struct.pack(f"<BQQ16sB{len(shape)}Q", flags, count, sample_bytes, dtype.encode(), len(shape), *shape)
+            out[f"{prefix}{name}-{s}"] = head + data
     return out
 
 
-def mmap_dataset_inputs(root: Path) -> dict[str, bytes]:
+def mmap_dataset_inputs(root: Path, version_flag: int, prefix: str = "") -> dict[str, bytes]:
     out = {}
     for name, kind, counts, sample_bytes, dtype, _ in dataset_expectations(root):
-        head = struct.pack(f"<BB{len(counts)}QQ16s", len(counts) - 1, kind | 2, *counts, sample_bytes, dtype.encode())
+        flags = kind | VERIFY_AT_OPEN | version_flag
+        head = struct.pack(f"<BB{len(counts)}QQ16s", len(counts) - 1, flags, *counts, sample_bytes, dtype.encode())
         files = [root.joinpath(f"{name}.{s:05d}.bin").read_bytes() for s in range(len(counts))]
-        out[name] = head + b"".join(struct.pack("<I", len(f)) + f for f in files)
+        out[prefix + name] = head + b"".join(struct.pack("<I", len(f)) + f for f in files)
     return out
+
+
+def write_dataset_corpora(work: Path) -> None:
+    """The dataset fixture and the seeds of the three dataset targets."""
+    dataset = write_dataset(work / "dataset")
+    copy_fixture(dataset, HERE / "fixtures" / "dataset")
+    write_corpus(
+        "fuzz_shard_file",
+        {**shard_file_inputs(dataset, VERSION_2), **shard_file_inputs(DATASET_V1, 0, prefix="v1-")},
+    )
+    write_corpus(
+        "fuzz_mmap_dataset",
+        {**mmap_dataset_inputs(dataset, VERSION_2), **mmap_dataset_inputs(DATASET_V1, 0, prefix="v1-")},
+    )
+    write_corpus("fuzz_dataset_json", {"dataset.json": dataset.joinpath("dataset.json").read_bytes()})
 
 
 def manifest_inputs(step: Path) -> dict[str, bytes]:
@@ -173,27 +197,25 @@ def copy_fixture(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".pyengine-writer.lock"))
 
 
-def main() -> None:
+def main(only_dataset: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        write_dataset_corpora(work)
+        if only_dataset:
+            return
         plain = write_plain_checkpoint(work / "checkpoint")
         sharded = write_sharded_checkpoint(work / "sharded")
-        dataset = write_dataset(work / "dataset")
         fixtures = HERE / "fixtures"
         copy_fixture(plain, fixtures / "checkpoint" / plain.name)
         copy_fixture(sharded, fixtures / "sharded" / sharded.name)
-        copy_fixture(dataset, fixtures / "dataset")
         part = sorted(sharded.glob("rank-*/step-*"))[0]  # pieces of split tensors (the plain shards have none)
         reads = {**shard_reader_inputs(plain), **shard_reader_inputs(part)}
         write_corpus(
             "fuzz_shard_reader",
             {k: v for k, v in reads.items() if not k.endswith("0-partial") or k.startswith("checkpoint")},
         )
-        write_corpus("fuzz_shard_file", shard_file_inputs(dataset))
-        write_corpus("fuzz_mmap_dataset", mmap_dataset_inputs(dataset))
         write_corpus("fuzz_checkpoint_manifest", manifest_inputs(plain))
         write_corpus("fuzz_sharded_manifest", manifest_inputs(sharded))
-        write_corpus("fuzz_dataset_json", {"dataset.json": dataset.joinpath("dataset.json").read_bytes()})
     total = sum(
         f.stat().st_size
         for f in HERE.rglob("*")
@@ -208,4 +230,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--sharded-rank":
         sharded_rank_main(Path(sys.argv[2]))
     else:
-        main()
+        main(only_dataset=sys.argv[1:] == ["dataset"])

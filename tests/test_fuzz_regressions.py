@@ -43,7 +43,9 @@ def _with_header_crc(file: bytes) -> bytes:
     return body + struct.pack("<I", _core.crc32c(memoryview(body))) + file[512:]
 
 
-def _dataset_dir(root: Path, kind: int, dtype: str, shape: list[int], files: list[bytes], counts: list[int]) -> Path:
+def _dataset_dir(
+    root: Path, kind: int, dtype: str, shape: list[int], files: list[bytes], counts: list[int], version: int
+) -> Path:
     """A dataset of one field "f" over `files`, with a dataset.json promising the rest."""
     root.mkdir()
     for s, data in enumerate(files):
@@ -53,7 +55,7 @@ def _dataset_dir(root: Path, kind: int, dtype: str, shape: list[int], files: lis
         json.dumps(
             {
                 "format": "pyengine.data",
-                "version": 1,
+                "version": version,
                 "num_samples": sum(counts),
                 "shard_counts": counts,
                 "fields": fields,
@@ -61,6 +63,11 @@ def _dataset_dir(root: Path, kind: int, dtype: str, shape: list[int], files: lis
         )
     )
     return root
+
+
+def _version(flags: int) -> int:
+    """The format version a C++ dataset target's input says dataset.json promises (flag bit 4)."""
+    return 2 if flags & 16 else 1
 
 
 def _shard_file_case(raw: bytes, root: Path) -> Path:
@@ -71,7 +78,7 @@ def _shard_file_case(raw: bytes, root: Path) -> Path:
     file = raw[at + 8 * rank if rank <= 8 else at :]
     if flags & 4:
         file = _with_header_crc(file)
-    return _dataset_dir(root, flags & 1, dtype.rstrip(b"\0").decode(), shape, [file], [count])
+    return _dataset_dir(root, flags & 1, dtype.rstrip(b"\0").decode(), shape, [file], [count], _version(flags))
 
 
 def _mmap_dataset_case(raw: bytes, root: Path) -> tuple[Path, list[int]]:
@@ -87,7 +94,8 @@ def _mmap_dataset_case(raw: bytes, root: Path) -> tuple[Path, list[int]]:
         files.append(_with_header_crc(raw[at + 4 : at + 4 + n]) if flags & 8 else raw[at + 4 : at + 4 + n])
         at += 4 + n
     shape = list(struct.unpack_from("<Q", files[0], 64)[:1]) if files[0][44:48] == b"\1\0\0\0" else []
-    return _dataset_dir(root, flags & 1, dtype.rstrip(b"\0").decode(), shape, files, counts), counts
+    root = _dataset_dir(root, flags & 1, dtype.rstrip(b"\0").decode(), shape, files, counts, _version(flags))
+    return root, counts
 
 
 def _in_child(code: str, tmp_path: Path) -> str:
@@ -122,13 +130,14 @@ def test_dataset_that_crashed_the_mmap_dataset_target_is_a_data_error(case: Path
     # of (sum mod 2^64) samples. dataset.json is refused in Python; the core refuses it too.
     root, counts = _mmap_dataset_case(case.read_bytes(), tmp_path / "ds")
     assert _in_child(_OPEN.format(path=str(root)), tmp_path).startswith("DataError")
-    ds = json.loads((root / "dataset.json").read_text())["fields"]["f"]
+    manifest = json.loads((root / "dataset.json").read_text())
+    ds = manifest["fields"]["f"]
     spec = (("f", int(ds["kind"] == "variable"), 0, ds["dtype"], [str(p) for p in sorted(root.glob("f.*.bin"))]),)
     code = f"""
 from pyengine import _core
 import pyengine as pe
 try:
-    _core.MmapDataset({list(spec)!r}, {counts!r}, True)
+    _core.MmapDataset({list(spec)!r}, {counts!r}, verify=2, version={manifest["version"]})
     print("opened")
 except pe.DataError as e:
     print("DataError", e)

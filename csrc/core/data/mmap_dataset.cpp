@@ -75,7 +75,7 @@ void MmapDataset::read_sample(uint64_t i, uint8_t* const* dst) const {
         const ShardFile& file = fields_[f][s];
         const uint64_t offset = file.sample_offset(local), n = file.sample_size(local);
         file.verify(offset, n);
-        std::memcpy(dst[f], file.payload() + offset, n);
+        if (n != 0) std::memcpy(dst[f], file.payload() + offset, n);  // an empty sample may have no buffer
       }
     });
   } catch (const MappedReadFault& fault) {
