@@ -9,7 +9,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['AsyncCheckpointWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'crop_resize', 'read_shards', 'verify_file']
+__all__: list[str] = ['AsyncCheckpointWriter', 'BlockChecksumWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'crop_resize', 'read_shards', 'verify_file']
 class WriteSource:
     """
     One tensor to save: its name, safetensors dtype, shape and a 1-D contiguous buffer of its bytes. Holds the buffer (and its exporter) for its whole life.
@@ -130,23 +130,48 @@ class MmapDataset:
     """
     Memory-mapped, validated dataset files (see csrc/core/data/).
     """
-    def __init__(self, fields: list, shard_counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], verify: bool = False) -> None:
+    def __init__(self, fields: list, shard_counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], verify: typing.SupportsInt | typing.SupportsIndex = 1, version: typing.SupportsInt | typing.SupportsIndex = 2) -> None:
         """
-        fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths][, sample shape])]; a given shape ([] for variable fields) must match every file's header. Opens and checks every file (verify: also every payload checksum). Releases the GIL.
+        fields: [(name, kind 0 fixed / 1 variable, sample_bytes, dtype, [shard paths][, sample shape])]; a given shape ([] for variable fields) must match every file's header. verify: 0 never, 1 each block on its first read, 2 everything now. version: dataset.json's, which every header must record. Opens and checks every file. Releases the GIL.
         """
-    def offsets(self, field: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
+    def payload_bytes(self, field: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex) -> int:
         """
-        Read-only uint64 view of a variable field's offset table (None for fixed fields).
+        Payload bytes of one field-shard file.
         """
-    def payload(self, field: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+    def read_sample(self, index: typing.SupportsInt | typing.SupportsIndex) -> list:
         """
-        Read-only uint8 view of a payload.
+        Sample `index` as one fresh uint8 array per field, its blocks checked first. Raises DataError (a bad block, a file that shrank). Releases the GIL while copying.
+        """
+    @property
+    def checks_blocks(self) -> bool:
+        """
+        Whether reads are checked against block checksums (every file is version 2, verify is not 0).
         """
     @property
     def num_samples(self) -> int:
         ...
     @property
     def num_shards(self) -> int:
+        ...
+class BlockChecksumWriter:
+    """
+    CRC32Cs of each block_bytes of a payload written in chunks (the writer's block table) and of the whole payload.
+    """
+    def __init__(self, block_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def table(self) -> bytes:
+        """
+        The block table so far, as little-endian uint32 bytes.
+        """
+    def update(self, data: typing_extensions.Buffer) -> None:
+        """
+        Adds the next bytes of the payload. Releases the GIL.
+        """
+    @property
+    def payload_bytes(self) -> int:
+        ...
+    @property
+    def payload_crc32c(self) -> int:
         ...
 class DataBatch:
     """
