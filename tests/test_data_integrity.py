@@ -196,8 +196,8 @@ import numpy as np
 import pyengine as pe
 {enable_after}
 root = sys.argv[1]
-ds = pe.data.write_dataset(root, {{"x": np.zeros((20000, 256), np.uint8), "t": [b"ab" * (i % 7) for i in range(20000)]}},
-                           samples_per_shard=10000, progress=False)
+fields = {{"x": np.zeros((20000, 256), np.uint8), "t": [b"ab" * (i % 7) for i in range(20000)]}}
+ds = pe.data.write_dataset(root, fields, samples_per_shard=10000, progress=False)
 victim = os.path.join(root, {victim!r})
 """
 

@@ -123,9 +123,7 @@ class Dataset:
     @property
     def nbytes(self) -> int:
         """Payload bytes of all fields (what an epoch reads)."""
-        return sum(
-            int(self._core.payload_bytes(f, s)) for f in range(len(self._names)) for s in range(self.num_shards)
-        )
+        return sum(int(self._core.payload_bytes(f, s)) for f in range(len(self._names)) for s in range(self.num_shards))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         """Sample `index` (negative counts from the end) as fresh arrays, checked first.

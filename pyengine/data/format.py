@@ -117,7 +117,9 @@ def check_block_bytes(block_bytes: int) -> None:
     if not (isinstance(block_bytes, int) and MIN_BLOCK_BYTES <= block_bytes <= MAX_BLOCK_BYTES) or (
         block_bytes & (block_bytes - 1)
     ):
-        raise ValueError(f"block_bytes must be a power of two from {MIN_BLOCK_BYTES} to {MAX_BLOCK_BYTES}, got {block_bytes}")
+        raise ValueError(
+            f"block_bytes must be a power of two from {MIN_BLOCK_BYTES} to {MAX_BLOCK_BYTES}, got {block_bytes}"
+        )
 
 
 def align8_padding(nbytes: int) -> bytes:

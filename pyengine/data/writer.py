@@ -21,9 +21,7 @@ class _FieldShardFile:
     """One field's file of the shard being written: payload streamed (its block CRC32Cs computed
     as it goes), then the offset table (variable fields) and block table, header written last."""
 
-    def __init__(
-        self, path: str, kind: int, dtype: np.dtype, shape: tuple[int, ...], block_bytes: int
-    ) -> None:
+    def __init__(self, path: str, kind: int, dtype: np.dtype, shape: tuple[int, ...], block_bytes: int) -> None:
         self.path, self.kind, self.dtype, self.shape = path, kind, dtype, shape
         self.block_bytes = block_bytes
         self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()

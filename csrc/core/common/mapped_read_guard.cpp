@@ -37,9 +37,11 @@ void restore_default_and_reraise(siginfo_t* info) {
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
   RegionState& r = t_region;
-  if (r.armed) {
+  // si_code > 0: raised by the kernel for this thread's own access; a SIGBUS sent with kill()
+  // is no read fault and goes on like any other.
+  if (r.armed && info != nullptr && info->si_code > 0) {
     r.armed = 0;
-    r.fault_address = info != nullptr ? info->si_addr : nullptr;
+    r.fault_address = info->si_addr;
     siglongjmp(r.jump, 1);
   }
   if (g_passed_on_once.exchange(true)) {

@@ -51,17 +51,21 @@ Batch BatchAssembler::assemble(const uint64_t* indices, uint64_t n) const {
   batch.size = n;
   batch.fields.resize(nf);
   std::vector<uint64_t> field_bytes(nf, 0);
-  try {
-    guard_mapped_reads([&] {
-      for (size_t f = 0; f < nf; ++f) {
-        if (ds.spec(f).kind == FieldKind::kFixed) continue;
-        uint64_t bytes = 0;
-        for (uint64_t k = 0; k < n; ++k) bytes += ds.shard(f, shard[k]).sample_size(local[k]);
-        field_bytes[f] = bytes;
-      }
-    });
-  } catch (const MappedReadFault& fault) {
-    throw ds.read_fault(fault.address());
+  bool any_variable = false;
+  for (size_t f = 0; f < nf; ++f) any_variable |= ds.spec(f).kind == FieldKind::kVariable;
+  if (any_variable) {
+    try {
+      guard_mapped_reads([&] {
+        for (size_t f = 0; f < nf; ++f) {
+          if (ds.spec(f).kind == FieldKind::kFixed) continue;
+          uint64_t bytes = 0;
+          for (uint64_t k = 0; k < n; ++k) bytes += ds.shard(f, shard[k]).sample_size(local[k]);
+          field_bytes[f] = bytes;
+        }
+      });
+    } catch (const MappedReadFault& fault) {
+      throw ds.read_fault(fault.address());
+    }
   }
   uint64_t end = 0;
   for (size_t f = 0; f < nf; ++f) {
