@@ -77,7 +77,9 @@ class ClaimStats:
 
     suggestions: int = 0  # sampler.suggest calls
     suggest_s: float = 0.0  # seconds in sampler.suggest, with or without the lock
-    stale: int = 0  # suggestions dropped at the claim: taken meanwhile, or a new pending point near
+    taken: int = 0  # suggestions dropped at the claim: another trial took the configuration meanwhile
+    near: int = 0  # suggestions dropped at the claim: a trial started meanwhile near the point
+    wasted_s: float = 0.0  # seconds of the dropped suggestions
     in_lock: int = 0  # suggestions made under the write lock
 
 
@@ -310,7 +312,9 @@ class Study:
             return None
         attempts = 0 if self._suggest_in_lock else _OPTIMISTIC_ATTEMPTS
         for _ in range(attempts):
+            t0 = time.perf_counter()
             params = self._suggest(snap.trials)
+            spent = time.perf_counter() - t0
             if params is None:
                 log.info("the sampler has no new configuration left; stopping")
                 return None
@@ -318,12 +322,13 @@ class Study:
             try:
                 outcome = self._storage.atomic(claim, "claim")
             except DuplicateTrial as e:  # only a writer that ignores the lock gets here
-                outcome = str(e)
+                outcome = ("taken", str(e))
             if isinstance(outcome, FrozenTrial):
                 return self._started(outcome), False
             with self._running_lock:
-                self.claim_stats.stale += 1
-            log.debug("trial suggestion dropped at the claim: %s", outcome)
+                setattr(self.claim_stats, outcome[0], getattr(self.claim_stats, outcome[0]) + 1)
+                self.claim_stats.wasted_s += spent
+            log.debug("trial suggestion dropped at the claim: %s", outcome[1])
             snap = self._storage.snapshot()
         frozen = self._storage.atomic(self._suggest_and_insert, "claim-in-lock")
         if frozen is None:
@@ -351,17 +356,17 @@ class Study:
 
     def _claim_unless_stale(
         self, tx: Transaction, params: dict[str, Any], seen: list[FrozenTrial]
-    ) -> FrozenTrial | str:
+    ) -> FrozenTrial | tuple[str, str]:
         """Insert `params` (suggested on `seen`) unless the study changed under it; else say why."""
         key = self.space.key(params)
         if tx.has_key(key):
-            return f"{key} was taken meanwhile"
+            return "taken", f"{key} was taken meanwhile"
         pending_before = {t.id for t in seen if t.state in _PENDING}
         x = self.space.encode(params)
         near = _NEAR * math.sqrt(self.space.dim)
         for t in tx.trials(intermediate=False, states=_PENDING):
             if t.id not in pending_before and float(np.linalg.norm(self.space.encode(t.params) - x)) < near:
-                return f"trial {t.number} started meanwhile near {key}"
+                return "near", f"trial {t.number} started meanwhile near {key}"
         return tx.insert_trial(params, key, _HOST, os.getpid())
 
     def _suggest_and_insert(self, tx: Transaction) -> FrozenTrial | None:

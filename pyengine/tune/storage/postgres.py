@@ -282,7 +282,7 @@ class PostgresStorage(Storage):
         return self.study_id
 
     def _read(self, conn: Any, intermediate: bool, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
-        where, args = "study_id=%s", [self.study_id]
+        where, args = "study_id=%s", list[Any]([self.study_id])
         if states is not None:
             where += " AND state = ANY(%s)"
             args.append([s.value for s in states])

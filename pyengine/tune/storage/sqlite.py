@@ -197,7 +197,7 @@ class SQLiteStorage(Storage):
         self, conn: sqlite3.Connection, intermediate: bool, states: tuple[TrialState, ...] | None = None
     ) -> list[FrozenTrial]:
         with self._lock:
-            where, args = "study_id=?", [self.study_id]
+            where, args = "study_id=?", list[Any]([self.study_id])
             if states is not None:
                 where += f" AND state IN ({','.join('?' * len(states))})"
                 args += [s.value for s in states]
