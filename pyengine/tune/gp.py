@@ -5,8 +5,14 @@ mean, unit variance), which is what the priors below assume. The priors follow O
 GPSampler (optuna/_gp/prior.py), which solved Hartmann6 in 9/10 seeds in our reference
 runs: on each inverse squared lengthscale t, log p = -(0.1/t + 0.1 t) (keeps lengthscales
 between ~0.3 and ~3 cube widths unless the data insist); Gamma(2, 1) on the output scale;
-Gamma(1.1, 30) on the noise variance, with a floor of 1e-6 so a deterministic objective
-still gets a well-conditioned kernel matrix.
+Gamma(1.1, 30) on the noise variance, which is NOISE_FLOOR plus a fitted excess, so a
+deterministic objective still gets a well-conditioned kernel matrix. `deterministic=True`
+fixes the noise at NOISE_FLOOR instead of fitting it.
+
+The prior mean is a constant, by default the worst (largest) target: far from the data the
+model then predicts "as bad as the worst trial", so the posterior variance at the faces and
+corners of the cube no longer looks like an opportunity (De Ath, Fieldsend, Everson, "What do
+you mean? The role of the mean function in Bayesian optimisation", GECCO 2020).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-NOISE_FLOOR = 1e-6
+NOISE_FLOOR = 1e-8
 _JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)
+_LOG_BOUND = 12.0  # |log| bound on lengthscale and scale parameters: keeps exp() finite
+_LOG_NOISE_MIN = -40.0  # the fitted noise excess may vanish; its log is only kept finite
 
 
 class GPFitError(RuntimeError):
@@ -53,12 +61,12 @@ class KernelParams:
 
     log_inv_sq_ls: torch.Tensor  # shape (d,)
     log_scale: torch.Tensor  # shape ()
-    log_noise: torch.Tensor  # shape (), noise variance above NOISE_FLOOR
+    log_noise: torch.Tensor  # shape (), log of the noise variance above NOISE_FLOOR
 
     @classmethod
     def default(cls, dim: int) -> KernelParams:
         z = torch.zeros((), dtype=torch.float64)
-        return cls(torch.zeros(dim, dtype=torch.float64), z.clone(), torch.zeros((), dtype=torch.float64))
+        return cls(torch.zeros(dim, dtype=torch.float64), z.clone(), torch.full((), -4.0, dtype=torch.float64))
 
     def flat(self) -> torch.Tensor:
         return torch.cat([self.log_inv_sq_ls, self.log_scale.view(1), self.log_noise.view(1)])
@@ -67,50 +75,93 @@ class KernelParams:
     def unflat(cls, v: torch.Tensor) -> KernelParams:
         return cls(v[:-2], v[-2], v[-1])
 
+    def noise(self, deterministic: bool = False) -> torch.Tensor:
+        """The noise variance these parameters give (NOISE_FLOOR exactly when deterministic)."""
+        if deterministic:
+            return torch.full((), NOISE_FLOOR, dtype=torch.float64)
+        return NOISE_FLOOR + self.log_noise.exp()
 
-def _neg_log_posterior(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+
+def _clamp_(v: torch.Tensor) -> None:
+    # Bound each log-parameter to its own range. The noise excess has no useful lower bound
+    # (a noise-free objective drives it to 0), so clamping it with the others, as this code
+    # once did, kept the noise variance at NOISE_FLOOR + e^-12 instead of NOISE_FLOOR.
+    v[:-1].clamp_(-_LOG_BOUND, _LOG_BOUND)
+    v[-1].clamp_(_LOG_NOISE_MIN, _LOG_BOUND)
+
+
+def _neg_log_posterior(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, deterministic: bool) -> torch.Tensor:
     p = KernelParams.unflat(v)
     t, scale = p.log_inv_sq_ls.exp(), p.log_scale.exp()
-    noise = NOISE_FLOOR + p.log_noise.exp()
+    noise = p.noise(deterministic)
     k = scale * matern52(x, x, t) + noise * torch.eye(len(x), dtype=x.dtype)
     chol = robust_cholesky(k)
     alpha = torch.cholesky_solve(y.unsqueeze(-1), chol).squeeze(-1)
     mll = -0.5 * (y * alpha).sum() - chol.diagonal().log().sum() - 0.5 * len(x) * math.log(2 * math.pi)
     # Gamma(a, b) log density up to a constant: (a - 1) log s - b s.
-    prior = -(0.1 / t + 0.1 * t).sum() + p.log_scale - scale + 0.1 * torch.log(noise) - 30.0 * noise
+    prior = -(0.1 / t + 0.1 * t).sum() + p.log_scale - scale
+    if not deterministic:
+        prior = prior + 0.1 * torch.log(noise) - 30.0 * noise
     return -(mll + prior)
 
 
 class GaussianProcess:
-    """An exact GP posterior for fixed hyperparameters.
+    """An exact GP posterior for fixed hyperparameters and a constant prior mean.
 
     Immutable after construction; `condition` returns a new posterior. Not thread-safe only in
     the sense that torch ops share the process's intra-op thread pool; no shared mutable state.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, params: KernelParams) -> None:
-        self.x, self.y, self.params = x, y, params
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, params: KernelParams, mean: float = 0.0, deterministic: bool = False
+    ) -> None:
+        self.x, self.y, self.params, self.mean, self.deterministic = x, y, params, mean, deterministic
         self._t = params.log_inv_sq_ls.exp()
         self._scale = params.log_scale.exp()
-        noise = NOISE_FLOOR + params.log_noise.exp()
-        k = self._scale * matern52(x, x, self._t) + noise * torch.eye(len(x), dtype=x.dtype)
+        self.noise = float(params.noise(deterministic))
+        k = self._scale * matern52(x, x, self._t) + self.noise * torch.eye(len(x), dtype=x.dtype)
         self._chol = robust_cholesky(k)
-        self._alpha = torch.cholesky_solve(y.unsqueeze(-1), self._chol).squeeze(-1)
+        self._alpha = torch.cholesky_solve((y - mean).unsqueeze(-1), self._chol).squeeze(-1)
 
     def condition(self, x_new: torch.Tensor, y_new: torch.Tensor) -> GaussianProcess:
         """The posterior after also observing `y_new` at `x_new`, with the same hyperparameters."""
-        return GaussianProcess(torch.cat([self.x, x_new]), torch.cat([self.y, y_new]), self.params)
+        return GaussianProcess(
+            torch.cat([self.x, x_new]), torch.cat([self.y, y_new]), self.params, self.mean, self.deterministic
+        )
 
     def posterior(self, xq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and variance of the latent function at the rows of `xq` (differentiable)."""
         kq = self._scale * matern52(xq, self.x, self._t)
-        mean = kq @ self._alpha
+        mean = self.mean + kq @ self._alpha
         v = torch.linalg.solve_triangular(self._chol, kq.transpose(-1, -2), upper=False)
         var = (self._scale - (v * v).sum(-2)).clamp_min(1e-12)
         return mean, var
 
 
-def fit_gp(x: torch.Tensor, y: torch.Tensor, warm_start: KernelParams | None = None) -> GaussianProcess:
+def _lbfgs(start: KernelParams, x: torch.Tensor, y: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, float]:
+    v = start.flat().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([v], lr=1.0, max_iter=100, tolerance_grad=1e-2, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _neg_log_posterior(v, x, y, deterministic)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        _clamp_(v)
+        return v.detach().clone(), float(_neg_log_posterior(v, x, y, deterministic))
+
+
+def fit_gp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    warm_start: KernelParams | None = None,
+    *,
+    deterministic: bool = False,
+    pessimistic_mean: bool = True,
+) -> GaussianProcess:
     """Fit kernel hyperparameters by maximising the marginal likelihood plus log priors.
 
     Runs L-BFGS (torch.optim.LBFGS, strong Wolfe line search) from the previous fit's
@@ -124,32 +175,67 @@ def fit_gp(x: torch.Tensor, y: torch.Tensor, warm_start: KernelParams | None = N
         x: (n, d) float64 inputs in the unit cube.
         y: (n,) float64 standardised targets.
         warm_start: the hyperparameters of the previous fit, if any.
+        deterministic: the objective has no noise: fix the noise variance at NOISE_FLOOR.
+        pessimistic_mean: use the largest target as the constant prior mean (else 0).
 
     Returns:
         The posterior under the best hyperparameters found.
     """
     x, y = x.to(torch.float64), y.to(torch.float64)  # float32 Cholesky fails on clustered points
+    mean = float(y.max()) if pessimistic_mean and len(y) else 0.0
     starts = [KernelParams.default(x.shape[-1])]
     if warm_start is not None and warm_start.log_inv_sq_ls.shape == starts[0].log_inv_sq_ls.shape:
         starts.insert(0, warm_start)
     best_v, best_loss = starts[-1].flat(), math.inf
     for start in starts:
-        v = start.flat().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([v], lr=1.0, max_iter=100, tolerance_grad=1e-2, line_search_fn="strong_wolfe")
-
-        def closure(opt: torch.optim.LBFGS = opt, v: torch.Tensor = v) -> torch.Tensor:
-            opt.zero_grad()
-            loss = _neg_log_posterior(v, x, y)
-            loss.backward()
-            return loss
-
         try:
-            opt.step(closure)
-            with torch.no_grad():
-                v.clamp_(-12.0, 12.0)  # keeps exp() finite if the line search wandered far
-                loss = float(_neg_log_posterior(v, x, y))
+            v, loss = _lbfgs(start, x, y - mean, deterministic)
         except GPFitError:
             continue
         if math.isfinite(loss) and loss < best_loss:
-            best_v, best_loss = v.detach().clone(), loss
-    return GaussianProcess(x, y, KernelParams.unflat(best_v))
+            best_v, best_loss = v, loss
+    return GaussianProcess(x, y, KernelParams.unflat(best_v), mean, deterministic)
+
+
+def sample_hyperparameters(
+    gp: GaussianProcess, n: int, generator: torch.Generator, spread: float = 1.0
+) -> list[GaussianProcess]:
+    """Posteriors under `n` draws of the hyperparameters from a Laplace approximation around `gp`'s.
+
+    The Hessian of the negative log posterior at the MAP point gives a Gaussian over the
+    log-parameters; its flat directions (a coordinate the data barely constrain) get wide
+    draws, which is exactly the uncertainty a single MAP fit hides. Draws whose kernel
+    matrix cannot be factorised are skipped.
+
+    Args:
+        gp: a fitted posterior (its parameters should be a MAP optimum).
+        n: number of draws.
+        generator: source of randomness.
+        spread: scales the standard deviations of the draws.
+
+    Returns:
+        Up to `n` posteriors on the same data and prior mean.
+    """
+    v0 = gp.params.flat().detach()
+    y = gp.y - gp.mean
+    free = v0.numel() - (1 if gp.deterministic else 0)
+    f = lambda v: _neg_log_posterior(torch.cat([v, v0[free:]]), gp.x, y, gp.deterministic)  # noqa: E731
+    try:
+        h = torch.autograd.functional.hessian(f, v0[:free].clone())
+    except GPFitError:
+        return []
+    h = 0.5 * (h + h.T)
+    evals, evecs = torch.linalg.eigh(h)
+    # Directions of non-positive curvature (the fit stopped short of the optimum) get unit variance.
+    std = torch.where(evals > 1e-6, evals.clamp_min(1e-6).rsqrt(), torch.ones_like(evals)).clamp_max(2.0)
+    out = []
+    for _ in range(n):
+        z = torch.randn(free, dtype=torch.float64, generator=generator)
+        v = v0.clone()
+        v[:free] = v0[:free] + spread * (evecs @ (std * z))
+        _clamp_(v)
+        try:
+            out.append(GaussianProcess(gp.x, gp.y, KernelParams.unflat(v), gp.mean, gp.deterministic))
+        except GPFitError:
+            continue
+    return out
