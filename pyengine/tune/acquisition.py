@@ -9,6 +9,7 @@ through erfcx keeps value and gradient finite for any z (Ament et al., NeurIPS 2
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -39,6 +40,65 @@ def log_expected_improvement(gp: GaussianProcess, x: torch.Tensor, best: float) 
     mean, var = gp.posterior(x)
     sigma = var.sqrt()
     return torch.log(sigma) + log_h((best - mean) / sigma)
+
+
+def log_mean_expected_improvement(
+    gps: Sequence[GaussianProcess], weights: Sequence[float], x: torch.Tensor, best: float
+) -> torch.Tensor:
+    """log of the weighted mean of EI over several posteriors (one per hyperparameter setting).
+
+    Integrating EI over the kernel hyperparameters (Snoek et al., NeurIPS 2012) keeps
+    plausible short lengthscales alive: a single MAP fit that has decided a coordinate does
+    not matter sends every suggestion back into the basin it knows.
+    """
+    if len(gps) == 1:
+        return log_expected_improvement(gps[0], x, best)
+    logs = torch.stack([log_expected_improvement(gp, x, best) for gp in gps])
+    logw = torch.log(torch.tensor(weights, dtype=logs.dtype) / sum(weights)).unsqueeze(-1)
+    return torch.logsumexp(logs + logw, dim=0)
+
+
+def integer_moves(
+    acq: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    moves: Sequence[tuple[int, Callable[[torch.Tensor], torch.Tensor]]],
+    max_passes: int = 3,
+) -> torch.Tensor:
+    """Coordinate search over integer coordinates: move each to its best value, until no move helps.
+
+    The continuous optimum of a relaxed integer is only a starting point: after rounding,
+    many values of each coordinate (its whole grid when small) are scored for every
+    candidate at once, which finds an optimum several integers away that a +-1 probe misses.
+
+    Args:
+        acq: the acquisition, (m, dim) -> (m,).
+        x: (k, dim) candidates, already on the integer grid.
+        moves: (coordinate, values) per integer parameter, where values maps the (k,)
+            current encoded values of that coordinate to (k, g) encoded values to try.
+        max_passes: sweeps over all integer coordinates.
+
+    Returns:
+        The improved candidates, same shape as `x`.
+    """
+    x = x.clone()
+    with torch.no_grad():
+        current = torch.nan_to_num(acq(x), nan=-math.inf)
+        for _ in range(max_passes):
+            moved = False
+            for coord, values in moves:
+                grid = values(x[:, coord])  # (k, g)
+                trial = x.unsqueeze(1).repeat(1, grid.shape[1], 1)
+                trial[:, :, coord] = grid
+                vals = torch.nan_to_num(acq(trial.reshape(-1, x.shape[-1])), nan=-math.inf).view(grid.shape)
+                best_val, best_idx = vals.max(dim=1)
+                better = best_val > current + 1e-12
+                if bool(better.any()):
+                    moved = True
+                    x[better, coord] = grid[better, best_idx[better]]
+                    current = torch.where(better, best_val, current)
+            if not moved:
+                break
+    return x
 
 
 def _to_unbounded(x: torch.Tensor) -> torch.Tensor:

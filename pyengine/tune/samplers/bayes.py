@@ -10,11 +10,16 @@ import numpy as np
 import torch
 
 from pyengine.tune import acquisition
-from pyengine.tune.gp import GPFitError, KernelParams, fit_gp
+from pyengine.tune.gp import GaussianProcess, GPFitError, KernelParams, fit_gp, sample_hyperparameters
+from pyengine.tune.output_transform import robust_standardize
 from pyengine.tune.samplers.base import History, Sampler, random_unseen, trial_rng
 from pyengine.tune.space import Choice, IntUniform, Space
 
 log = logging.getLogger(__name__)
+
+# Integer parameters with at most this many values have every value scored in the discrete
+# search; wider ones get this many evenly spread values plus the neighbours of the candidate.
+_FULL_GRID = 128
 
 
 class BayesSampler(Sampler):
@@ -22,11 +27,15 @@ class BayesSampler(Sampler):
 
     The first `n_startup_trials` trials follow a scrambled Sobol sequence indexed by trial
     number, so parallel workers spread out from the start. After that each suggestion:
-    standardises the observed values, fits the GP (warm-started from the previous fit),
-    conditions it on pending trials with the best observed value as their "lie" (constant
-    liar: LogEI at and near a pending point drops to ~0, so another worker goes elsewhere),
-    and maximises LogEI. Integer and categorical coordinates are rounded afterwards (one-hot
-    blocks to their arg-max); the best candidate whose configuration no trial has yet wins.
+    transforms the observed values robustly (`output_transform`: a diverged trial cannot
+    flatten the model), fits the GP (warm-started from the previous fit, prior mean at the
+    worst observation), draws a few more hyperparameter settings around the fit and averages
+    EI over them, conditions every model on pending trials with the best observed value as
+    their "lie" (constant liar: LogEI at and near a pending point drops to ~0, so another
+    worker goes elsewhere), and maximises the log of that mean EI. Integers are optimised in
+    their continuous relaxation, rounded, then moved along their grid (`integer_moves`);
+    categorical one-hot blocks are frozen in the local search and every category (<= 16) of
+    each candidate is scored at the end. The best candidate no trial has yet wins.
 
     Thread-safety: `suggest` may run in several threads; the only shared state is the warm
     start, read and written under a lock (it is a hint, any value is correct).
@@ -35,9 +44,22 @@ class BayesSampler(Sampler):
         n_startup_trials: size of the quasi-random initial design.
         n_raw_samples: Sobol points scored before the local searches.
         n_restarts: number of multi-start L-BFGS searches of the acquisition.
+        deterministic: the objective is noise-free (a synthetic function, a seeded and
+            deterministic training run): fix the GP's noise at its floor instead of fitting it.
+        n_hyper_samples: extra hyperparameter draws EI is averaged over (0: the MAP fit only).
     """
 
-    def __init__(self, n_startup_trials: int = 10, n_raw_samples: int = 2048, n_restarts: int = 10) -> None:
+    def __init__(
+        self,
+        n_startup_trials: int = 10,
+        n_raw_samples: int = 2048,
+        n_restarts: int = 10,
+        *,
+        deterministic: bool = False,
+        n_hyper_samples: int = 0,
+        patience: int = 10,
+        stall_tolerance: float = 1e-4,
+    ) -> None:
         for name, v in (
             ("n_startup_trials", n_startup_trials),
             ("n_raw_samples", n_raw_samples),
@@ -45,7 +67,17 @@ class BayesSampler(Sampler):
         ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"BayesSampler: {name}={v!r} must be a positive int")
+        if not isinstance(n_hyper_samples, int) or n_hyper_samples < 0:
+            raise ValueError(f"BayesSampler: n_hyper_samples={n_hyper_samples!r} must be an int >= 0")
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"BayesSampler: patience={patience!r} must be an int >= 0 (0: never escape)")
+        if not (isinstance(stall_tolerance, (int, float)) and stall_tolerance >= 0):
+            raise ValueError(f"BayesSampler: stall_tolerance={stall_tolerance!r} must be a number >= 0")
+        if not isinstance(deterministic, bool):
+            raise ValueError(f"BayesSampler: deterministic={deterministic!r} must be True or False")
         self.n_startup_trials, self.n_raw_samples, self.n_restarts = n_startup_trials, n_raw_samples, n_restarts
+        self.deterministic, self.n_hyper_samples = deterministic, n_hyper_samples
+        self.patience, self.stall_tolerance = patience, stall_tolerance
         self._lock = threading.Lock()
         self._warm: KernelParams | None = None
 
@@ -77,28 +109,81 @@ class BayesSampler(Sampler):
             sobol.fast_forward(history.number)
         return space.decode(sobol.draw(1, dtype=torch.float64)[0].numpy())
 
-    def _model_point(self, space: Space, history: History, rng: np.random.Generator) -> dict[str, Any] | None:
+    def fit(self, space: Space, history: History, generator: torch.Generator) -> list[GaussianProcess]:
+        """The models a suggestion averages over: the MAP fit first, then hyperparameter draws."""
         x = torch.tensor(np.stack([space.encode(p) for p, _ in history.complete]), dtype=torch.float64)
-        y = torch.tensor([v for _, v in history.complete], dtype=torch.float64)
-        y = (y - y.mean()) / (y.std() if len(y) > 1 and float(y.std()) > 0 else 1.0)
+        y = robust_standardize(torch.tensor([v for _, v in history.complete], dtype=torch.float64))
         with self._lock:
             warm = self._warm
-        gp = fit_gp(x, y, warm)
+        gp = fit_gp(x, y, warm, deterministic=self.deterministic)
         with self._lock:
             self._warm = gp.params
-        best = float(y.min())
+        gps = [gp] + sample_hyperparameters(gp, self.n_hyper_samples, generator)
         if history.pending:
             xp = torch.tensor(np.stack([space.encode(p) for p in history.pending]), dtype=torch.float64)
-            gp = gp.condition(xp, torch.full((len(xp),), best, dtype=torch.float64))
+            lie = torch.full((len(xp),), float(y.min()), dtype=torch.float64)
+            gps = [g.condition(xp, lie) for g in gps]
+        return gps
+
+    def stalled(self, history: History) -> bool:
+        """Whether the best value improved by less than `stall_tolerance` of the observed range
+        over the last `patience` model-based trials."""
+        values = np.array([v for _, v in history.complete], dtype=np.float64)
+        if self.patience == 0 or len(values) < self.n_startup_trials + self.patience:
+            return False
+        finite = values[np.isfinite(values)]
+        if len(finite) < 2:
+            return False
+        span = float(finite.max() - finite.min())
+        before, now = np.nanmin(values[: -self.patience]), np.nanmin(values)
+        return bool(before - now <= self.stall_tolerance * span)
+
+    def _outside_basin(self, gp: GaussianProcess, history: History, space: Space) -> GaussianProcess | None:
+        """A model for a step away from a converged basin: the same data with that basin made bad.
+
+        Once the best value has stopped improving, further suggestions in its basin are
+        wasted, yet EI keeps choosing it: the model is certain there and, on Hartmann6's
+        second basin, its many points make two coordinates look irrelevant, so no other
+        region ever scores higher. This model sees every point within one lengthscale of
+        the incumbent at the worst observed value (a tabu region, not a removal: points
+        observed there stay known) and is refitted from scratch; EI under it, against its
+        own best value, is a fresh search of the rest of the space.
+        """
+        n = len(history.complete)
+        x, y = gp.x[:n], gp.y[:n]
+        lengthscale = (-0.5 * gp.params.log_inv_sq_ls).exp()
+        inside = (((x - x[int(torch.argmin(y))]) / lengthscale) ** 2).sum(-1) <= 2.0
+        # A basin is converged when the refinement has crowded points into it; and the rest
+        # of the space must hold enough points to model (a smooth bowl is one basin).
+        if int(inside.sum()) < max(3, self.patience) or int((~inside).sum()) < max(3, self.n_startup_trials // 2):
+            return None
+        flattened = torch.where(inside, y.max(), y)
+        model = fit_gp(x, flattened, deterministic=self.deterministic)
+        if history.pending:
+            xp = torch.tensor(np.stack([space.encode(p) for p in history.pending]), dtype=torch.float64)
+            model = model.condition(xp, torch.full((len(xp),), float(flattened.min()), dtype=torch.float64))
+        return model
+
+    def _model_point(self, space: Space, history: History, rng: np.random.Generator) -> dict[str, Any] | None:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        incumbents = x[torch.argsort(y)[:1]]
-        acq = lambda q: acquisition.log_expected_improvement(gp, q, best)  # noqa: E731
-        discrete = torch.zeros(space.dim, dtype=torch.bool)
+        gps = self.fit(space, history, gen)
+        y = gps[0].y[: len(history.complete)]
+        best = float(y.min())
+        incumbents = gps[0].x[torch.argsort(y)[:1]]
+        escape = self._outside_basin(gps[0], history, space) if history.number % 4 and self.stalled(history) else None
+        if escape is not None:
+            gps, best, incumbents = [escape], float(escape.y[: len(history.complete)].min()), None
+        acq = lambda q: acquisition.log_mean_expected_improvement(gps, [1.0] * len(gps), q, best)  # noqa: E731
+        categorical = torch.zeros(space.dim, dtype=torch.bool)
+        grids = []
         for name, p in space.params.items():
-            if isinstance(p, (Choice, IntUniform)):
-                discrete[space._slices[name]] = True
+            sl = space._slices[name]
+            if isinstance(p, Choice):
+                categorical[sl] = True
+            elif isinstance(p, IntUniform):
+                grids.append((sl.start, p))
         round_fn = None
-        if bool(discrete.any()):
+        if categorical.any() or grids:
 
             def round_fn(q: torch.Tensor) -> torch.Tensor:
                 return torch.tensor(np.stack([space.round_encoded(r) for r in q.numpy()]), dtype=torch.float64)
@@ -111,22 +196,48 @@ class BayesSampler(Sampler):
             n_raw=self.n_raw_samples,
             n_starts=self.n_restarts,
             round_fn=round_fn,
-            discrete=discrete,
+            discrete=categorical,
         )
-        # The continuous optimum of a one-hot block or an integer coordinate is not a valid
-        # configuration: score the rounded candidates and, per categorical parameter, every
-        # other category (as Optuna does for <= 16 choices), then take the best unseen one.
         variants = _rounded_variants(space, cands.numpy())
+        variants_t = torch.tensor(variants, dtype=torch.float64)
+        if grids:
+            variants_t = acquisition.integer_moves(acq, variants_t, [_int_moves(space, c, p) for c, p in grids])
         with torch.no_grad():
-            scores = acq(torch.tensor(variants, dtype=torch.float64))
+            scores = acq(variants_t)
         for i in torch.argsort(torch.nan_to_num(scores, nan=-float("inf")), descending=True).tolist():
-            params = space.decode(variants[i])
+            params = space.decode(variants_t[i].numpy())
             if space.key(params) not in history.seen_keys:
                 return params
         return None
 
 
+def _int_moves(space: Space, coord: int, p: IntUniform):
+    """The values `integer_moves` tries for one integer parameter, as a function of the current ones."""
+    lo, hi = space._numeric_range(p)
+
+    def encode(v: np.ndarray) -> np.ndarray:
+        return ((np.log(v) if p.log else v) - lo) / (hi - lo)
+
+    def decode(u: np.ndarray) -> np.ndarray:
+        v = lo + np.clip(u, 0.0, 1.0) * (hi - lo)
+        return np.clip(np.round(np.exp(v) if p.log else v), p.low, p.high)
+
+    if p.high - p.low + 1 <= _FULL_GRID:
+        grid = torch.tensor(encode(np.arange(p.low, p.high + 1, dtype=np.float64)), dtype=torch.float64)
+        return coord, lambda cur: grid.expand(len(cur), -1)
+    spread = encode(np.unique(decode(np.linspace(0.0, 1.0, _FULL_GRID // 2))))
+    offsets = np.array([-13, -8, -5, -3, -2, -1, 1, 2, 3, 5, 8, 13], dtype=np.float64)
+
+    def values(cur: torch.Tensor) -> torch.Tensor:
+        near = np.clip(decode(cur.numpy())[:, None] + offsets, p.low, p.high)
+        both = np.concatenate([np.broadcast_to(spread, (len(cur), len(spread))), encode(near)], axis=1)
+        return torch.tensor(both, dtype=torch.float64)
+
+    return coord, values
+
+
 def _rounded_variants(space: Space, cands: np.ndarray) -> np.ndarray:
+    """Each candidate snapped to a valid configuration, and with every other category of each Choice."""
     out = []
     for c in cands:
         r = space.round_encoded(c)
@@ -139,9 +250,4 @@ def _rounded_variants(space: Space, cands: np.ndarray) -> np.ndarray:
                     v[sl] = 0.0
                     v[sl.start + j] = 1.0
                     out.append(v)
-            elif isinstance(p, IntUniform):
-                value = space.decode(r)[name]
-                for nb in (value - 1, value + 1):
-                    if p.low <= nb <= p.high:
-                        out.append(space.encode({**space.decode(r), name: nb}))
     return np.unique(np.stack(out), axis=0)
