@@ -54,3 +54,31 @@ def test_random_suggestion(benchmark, hartmann_history):
 def test_study_overhead_per_trial_sqlite(benchmark, tmp_path):
     study = pe.tune.Study({"x": pe.tune.Uniform(0.0, 1.0)}, sampler="random", storage=tmp_path / "s.db")
     benchmark.pedantic(lambda: study.optimize(lambda t: t.params["x"], n_trials=1), rounds=20)
+
+
+@pytest.fixture(scope="module")
+def lcbench():
+    pytest.importorskip("onnxruntime")
+    from pyengine.benchmarks import yahpo_lcbench
+
+    if not (yahpo_lcbench.DEFAULT_DATA_DIR / "model.onnx").is_file():
+        pytest.skip(f"no LCBench surrogate at {yahpo_lcbench.DEFAULT_DATA_DIR} (set PYENGINE_LCBENCH_DIR)")
+    return yahpo_lcbench.LCBench(yahpo_lcbench.tasks()[0])
+
+
+def test_lcbench_curve(benchmark, lcbench):
+    from pyengine.benchmarks import yahpo_lcbench
+
+    space = Space(yahpo_lcbench.search_space())
+    config = space.decode(np.full(space.dim, 0.5))
+    curve = benchmark(lambda: lcbench.curve(config))
+    assert curve.shape == (yahpo_lcbench.MAX_EPOCH,) and np.isfinite(curve).all()
+    assert 0.0 <= curve[-1] <= 100.0 and curve[-1] < curve[0]  # training helps: error falls over the epochs
+
+
+def test_lcbench_runs_end_to_end_with_asha(lcbench):
+    from bench_tuning import run_lcbench
+
+    curve, _ = run_lcbench("pyengine-bayes-asha", lcbench.task, 0, 12)
+    assert len(curve) == 12 and all(a >= b for a, b in zip(curve, curve[1:]))  # best so far never rises
+    assert np.isfinite(curve[-1])
