@@ -52,6 +52,21 @@ def test_deterministic_fixes_the_noise_at_the_floor():
     assert space.key(sampler.suggest(space, history)) not in history.seen_keys
 
 
+def test_hyperparameter_draws_average_ei_over_several_models():
+    space = Space({"a": pe.tune.Uniform(0.0, 1.0), "b": pe.tune.Uniform(0.0, 1.0)})
+    complete = [(space.decode(np.array(x)), float(v)) for x, v in zip(*_smooth_data())]
+    history = History(complete, [], {space.key(p) for p, _ in complete}, len(complete), 0)
+    sampler = pe.tune.BayesSampler(n_hyper_samples=3)
+    gps = sampler.fit(space, history, torch.Generator().manual_seed(0))
+    assert len(gps) == 4 and len({tuple(g.params.flat().tolist()) for g in gps}) == 4
+    x = torch.rand(5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    best = float(gps[0].y.min())
+    mixed = acquisition.log_mean_expected_improvement(gps, [1.0] * 4, x, best)
+    each = torch.stack([acquisition.log_expected_improvement(g, x, best) for g in gps])
+    assert torch.allclose(mixed, torch.logsumexp(each, 0) - math.log(4))
+    assert space.key(sampler.suggest(space, history)) not in history.seen_keys
+
+
 def test_the_sampler_rejects_bad_options():
     with pytest.raises(ValueError, match="deterministic"):
         pe.tune.BayesSampler(deterministic="yes")

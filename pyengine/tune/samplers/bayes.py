@@ -29,13 +29,21 @@ class BayesSampler(Sampler):
     number, so parallel workers spread out from the start. After that each suggestion:
     transforms the observed values robustly (`output_transform`: a diverged trial cannot
     flatten the model), fits the GP (warm-started from the previous fit, prior mean at the
-    worst observation), draws a few more hyperparameter settings around the fit and averages
-    EI over them, conditions every model on pending trials with the best observed value as
-    their "lie" (constant liar: LogEI at and near a pending point drops to ~0, so another
-    worker goes elsewhere), and maximises the log of that mean EI. Integers are optimised in
-    their continuous relaxation, rounded, then moved along their grid (`integer_moves`);
-    categorical one-hot blocks are frozen in the local search and every category (<= 16) of
-    each candidate is scored at the end. The best candidate no trial has yet wins.
+    worst observation, so faces and corners stop looking promising), optionally draws more
+    hyperparameter settings around the fit and averages EI over them, conditions every model
+    on pending trials with the best observed value as their "lie" (constant liar: LogEI at
+    and near a pending point drops to ~0, so another worker goes elsewhere), and maximises
+    the log of that mean EI. Integers are optimised in their continuous relaxation, rounded,
+    then moved along their grid (`integer_moves`); categorical one-hot blocks are frozen in
+    the local search and every category (<= 16) of each candidate is scored at the end. The
+    best candidate no trial has yet wins.
+
+    Way out of a local basin: when the best value has improved by less than
+    `stall_tolerance` of the observed range over the last `patience` trials, three
+    suggestions in four come from a model in which the incumbent's basin is made bad
+    (`_outside_basin`), a fresh search of the rest of the space that keeps every point
+    seen. On Hartmann6 this turned runs stuck at the second minimum (-3.2032) into solved
+    ones; on a smooth bowl it never triggers (the basin is the whole space).
 
     Thread-safety: `suggest` may run in several threads; the only shared state is the warm
     start, read and written under a lock (it is a hint, any value is correct).
@@ -46,7 +54,11 @@ class BayesSampler(Sampler):
         n_restarts: number of multi-start L-BFGS searches of the acquisition.
         deterministic: the objective is noise-free (a synthetic function, a seeded and
             deterministic training run): fix the GP's noise at its floor instead of fitting it.
-        n_hyper_samples: extra hyperparameter draws EI is averaged over (0: the MAP fit only).
+        n_hyper_samples: extra hyperparameter draws (Laplace approximation around the MAP fit)
+            EI is averaged over; 0, the default, uses the MAP fit only (4 draws did not help
+            on Hartmann6 here and double the cost of a suggestion).
+        patience: trials without progress that count as a stall (0: never leave a basin).
+        stall_tolerance: progress below this fraction of the observed value range is none.
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class BayesSampler(Sampler):
 
     def suggest(self, space: Space, history: History) -> dict[str, Any] | None:
         rng = trial_rng(history.seed, history.number)
+        params: dict[str, Any] | None
         if len(history.complete) < self.n_startup_trials:
             params = self._initial_point(space, history)
         else:
@@ -169,7 +182,9 @@ class BayesSampler(Sampler):
         gps = self.fit(space, history, gen)
         y = gps[0].y[: len(history.complete)]
         best = float(y.min())
-        incumbents = gps[0].x[torch.argsort(y)[:1]]
+        incumbents: torch.Tensor | None = gps[0].x[torch.argsort(y)[:1]]
+        # While stalled, three steps in four search outside the basin; the fourth still
+        # refines it, in case the stall was noise or slow progress rather than convergence.
         escape = self._outside_basin(gps[0], history, space) if history.number % 4 and self.stalled(history) else None
         if escape is not None:
             gps, best, incumbents = [escape], float(escape.y[: len(history.complete)].min()), None
