@@ -140,7 +140,7 @@ class BayesSampler(Sampler):
 
     def stalled(self, history: History) -> bool:
         """Whether the best value improved by less than `stall_tolerance` of the observed range
-        over the last `patience` model-based trials."""
+        over the last `patience` completed trials (never within the initial design)."""
         values = np.array([v for _, v in history.complete], dtype=np.float64)
         if self.patience == 0 or len(values) < self.n_startup_trials + self.patience:
             return False
@@ -157,8 +157,8 @@ class BayesSampler(Sampler):
         Once the best value has stopped improving, further suggestions in its basin are
         wasted, yet EI keeps choosing it: the model is certain there and, on Hartmann6's
         second basin, its many points make two coordinates look irrelevant, so no other
-        region ever scores higher. This model sees every point within one lengthscale of
-        the incumbent at the worst observed value (a tabu region, not a removal: points
+        region ever scores higher. This model sees every point within sqrt(2) lengthscales
+        of the incumbent at the worst observed value (a tabu region, not a removal: points
         observed there stay known) and is refitted from scratch; EI under it, against its
         own best value, is a fresh search of the rest of the space.
         """
