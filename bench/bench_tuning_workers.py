@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import sys
 import tempfile
 import time
@@ -45,15 +46,17 @@ def _worker(storage: str, name: str, n_trials: int, sleep_s: float, in_lock: boo
     out.put(("ready", None))
     start.wait()
     study.optimize(_objective_factory(sleep_s), n_trials=n_trials)
-    kind = "claim-in-lock" if in_lock else "claim"
-    held = study._storage.lock_stats.get(kind)
+    # Every transaction that claimed a new trial: optimistic claims and suggestions under the lock.
+    held = [
+        h for kind in ("claim", "claim-in-lock") for h in getattr(study._storage.lock_stats.get(kind), "samples", [])
+    ]
     stats = study.claim_stats
     out.put(
         (
             "done",
             {
                 "end": time.monotonic(),
-                "held": list(held.samples) if held else [],
+                "held": held,
                 "suggestions": stats.suggestions,
                 "suggest_s": stats.suggest_s,
                 "taken": stats.taken,
@@ -66,6 +69,17 @@ def _worker(storage: str, name: str, n_trials: int, sleep_s: float, in_lock: boo
     study.close()
 
 
+def _get(out: Any, procs: list[Any]) -> Any:
+    """The next message from the workers; raises as soon as one of them has died."""
+    while True:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a worker process exited with {dead[0]} (its traceback is above)") from None
+
+
 def run(storage: str, workers: int, n_trials: int, sleep_s: float, in_lock: bool) -> dict[str, Any]:
     """One study run by `workers` processes; wall time from the common start to the last end."""
     ctx = mp.get_context("spawn")
@@ -76,10 +90,10 @@ def run(storage: str, workers: int, n_trials: int, sleep_s: float, in_lock: bool
     for p in procs:
         p.start()
     for _ in procs:
-        assert out.get(timeout=300)[0] == "ready"
+        assert _get(out, procs)[0] == "ready"
     t0 = time.monotonic()
     start.set()
-    results = [out.get(timeout=1800)[1] for _ in procs]
+    results = [_get(out, procs)[1] for _ in procs]
     for p in procs:
         p.join()
         if p.exitcode != 0:
