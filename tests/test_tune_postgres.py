@@ -124,3 +124,32 @@ def test_a_serialization_failure_is_retried_for_real(postgres_url, caplog):
     assert study._storage.transient_retries >= 1 and "serialization failure" in caplog.text
     (t,) = study.trials
     assert t.state == TrialState.RUNNING and t.retries == 0
+
+
+def test_a_deadlock_is_retried_for_real(postgres_url, caplog):
+    """A client locks trial B then wants trial A while a heartbeat holds A and waits for B: the
+    server aborts the heartbeat (40P01, it waited longest) and the storage runs it again."""
+    import psycopg
+
+    study = pe.tune.Study(_space(), sampler="random", storage=postgres_url)
+    a, b = (
+        study._storage.atomic(lambda tx, p=p: tx.insert_trial(p, study.space.key(p), "h", 1))
+        for p in ({"x": 0.0, "k": 1}, {"x": 1.0, "k": 2})
+    )
+    caplog.set_level("INFO", logger="pyengine.tune.storage.postgres")
+    with psycopg.connect(postgres_url, autocommit=True) as other, psycopg.connect(postgres_url, autocommit=True) as spy:
+        other.execute("SET deadlock_timeout = '60s'")  # only the heartbeat's backend looks for the cycle
+        other.execute("BEGIN")
+        other.execute("UPDATE pyengine_trials SET error='other' WHERE id=%s", (b.id,))
+        beat = threading.Thread(target=study._storage.heartbeat, args=([a.id, b.id],))
+        beat.start()
+        deadline = time.monotonic() + 30
+        while spy.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] == 0:
+            assert time.monotonic() < deadline, "the heartbeat never blocked on trial b"
+            time.sleep(0.01)
+        other.execute("UPDATE pyengine_trials SET error='other' WHERE id=%s", (a.id,))  # the cycle
+        other.execute("COMMIT")
+        beat.join(30)
+    assert not beat.is_alive()
+    assert study._storage.transient_retries >= 1 and "deadlock" in caplog.text
+    assert {t.error for t in study.trials} == {"other"}
