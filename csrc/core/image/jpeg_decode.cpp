@@ -106,6 +106,10 @@ class Decompressor {
     cinfo_.scale_denom = 8;
     cinfo_.dct_method = fast_dct ? JDCT_IFAST : JDCT_ISLOW;
     cinfo_.out_color_space = out_space;
+    // Smoothing guesses the AC coefficients a progressive JPEG that stops early leaves out,
+    // from neighbouring blocks, which a cropped decode does not have: the band would differ
+    // from the whole image (found by fuzz_jpeg_decode). A complete progression is not smoothed.
+    cinfo_.do_block_smoothing = FALSE;
     jpeg_start_decompress(&cinfo_);
     return true;
   }
