@@ -9,7 +9,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['AsyncCheckpointWriter', 'BlockChecksumWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'crop_resize', 'read_shards', 'verify_file']
+__all__: list[str] = ['AsyncCheckpointWriter', 'BlockChecksumWriter', 'DataBatch', 'DataLoaderCore', 'MmapDataset', 'ShardRead', 'TensorExtent', 'TensorRead', 'WriteSource', 'crc32c', 'crc32c_combine', 'crc32c_hardware_available', 'crc32c_portable', 'crop_resize', 'decode_crop_resize_jpeg', 'decode_jpeg_region', 'jpeg_crop_decoder', 'jpeg_header', 'read_shards', 'verify_file']
 class WriteSource:
     """
     One tensor to save: its name, safetensors dtype, shape and a 1-D contiguous buffer of its bytes. Holds the buffer (and its exporter) for its whole life.
@@ -261,6 +261,22 @@ def crc32c_portable(arg0: typing_extensions.Buffer) -> int:
 def crop_resize(image: numpy.ndarray, box: collections.abc.Sequence, height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, layout: str = 'HWC', hflip: bool = False, out: typing.Any = None) -> numpy.ndarray:
     """
     Crops `box` = (left, top, right, bottom) (source pixels, may be fractional) of a uint8 [H, W] or [H, W, 1|3] image and resizes it to height x width with antialiased bilinear filtering (Pillow's BILINEAR), mirrored left-right if hflip. Returns uint8 [height, width, 3] (layout 'HWC') or [3, height, width] ('CHW'), written into `out` when given. Gray is expanded to RGB. Releases the GIL while it works; raises ValueError for bad arrays or a box outside the image.
+    """
+def decode_crop_resize_jpeg(data: typing_extensions.Buffer | numpy.ndarray, box: collections.abc.Sequence, height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, layout: str = 'HWC', hflip: bool = False, scale_num: typing.SupportsInt | typing.SupportsIndex = 8, fast_dct: bool = False, out: typing.Any = None) -> numpy.ndarray:
+    """
+    Decodes only the part of the JPEG in `data` that `box` = (left, top, right, bottom) (full-size source pixels) covers, at scale_num / 8 of full size (1..8), with libjpeg's JDCT_IFAST IDCT if fast_dct, then crop_resize of the box to height x width (flipped if hflip): the pixels crop_resize gives on the whole image decoded at that scale. Returns uint8 [height, width, 3] ('HWC') or [3, height, width] ('CHW'), written into `out` when given. Blocks with the GIL released; raises ValueError for a corrupt, truncated, CMYK or too large JPEG or a box outside it.
+    """
+def decode_jpeg_region(data: typing_extensions.Buffer | numpy.ndarray, box: collections.abc.Sequence, scale_num: typing.SupportsInt | typing.SupportsIndex = 8, fast_dct: bool = False) -> tuple:
+    """
+    The decode step of decode_crop_resize_jpeg alone: (pixels uint8 [h, w, 1|3], (x0, y0), (scaled_height, scaled_width)), the decoded band that covers `box` and where it sits in the whole image at scale_num / 8. Blocks with the GIL released; raises ValueError as decode_crop_resize_jpeg.
+    """
+def jpeg_crop_decoder() -> str:
+    """
+    The libjpeg-turbo the core decodes JPEG crops with ('libjpeg-turbo 2.1.5'), or '' when it was built without one (then the JPEG functions below raise RuntimeError).
+    """
+def jpeg_header(data: typing_extensions.Buffer | numpy.ndarray) -> tuple:
+    """
+    (height, width, channels) of the JPEG in `data` (bytes or a uint8 array) from its header; channels is 1 (gray), 3 (RGB) or 0 (CMYK / YCCK, which the crop decoder does not convert). Holds the GIL (it reads only the markers); raises ValueError for data libjpeg cannot parse or over 178,956,970 pixels.
     """
 def read_shards(shards: list[ShardRead], threads: typing.SupportsInt | typing.SupportsIndex = 4) -> None:
     """

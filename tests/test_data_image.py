@@ -1,12 +1,19 @@
 """Image transforms (RandomResizedCrop, CenterCrop), their decoding and resize kernel, and
 write_image_folder: shapes and layouts, agreement with Pillow, determinism, flips, the DCT
-downscale path, PNG / gray / CMYK inputs, clear errors, and the Loader end to end."""
+downscale path, PNG / gray / CMYK inputs, clear errors, and the Loader end to end. The core's
+JPEG crop decoder (when built with libjpeg-turbo): pixel-exact against a whole-image decode for
+every sampling, progressive, DCT scales and crops at borders and odd offsets; corrupt and
+truncated data; the whole-image fallback."""
 
 from __future__ import annotations
 
 import inspect
 import io
+import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +149,7 @@ def test_dct_downscale_is_taken_when_the_crop_allows_it_and_gives_close_pixels()
 def test_transform_asks_libjpeg_turbo_for_the_reduced_size(monkeypatch):
     if image_module.simplejpeg is None:
         pytest.skip("simplejpeg is not installed")
+    monkeypatch.setattr(image_module, "_crop_decode", False)  # the whole-image path
     data = _encode(_picture(480, 640, seed=4))
     calls = []
     real = image_module.simplejpeg.decode_jpeg
@@ -222,6 +230,7 @@ def test_crop_resize_binding_checks_its_arrays():
 
 
 def test_pillow_fallback_when_simplejpeg_is_missing(monkeypatch, jpeg):
+    monkeypatch.setattr(image_module, "_crop_decode", False)
     monkeypatch.setattr(image_module, "simplejpeg", None)
     monkeypatch.setattr(image_module, "_warned_no_simplejpeg", False)
     transform = pe.data.CenterCrop(size=64, resize=72)
@@ -229,6 +238,231 @@ def test_pillow_fallback_when_simplejpeg_is_missing(monkeypatch, jpeg):
         out = transform({"image": jpeg}, None)["image"]
     monkeypatch.undo()
     assert _mean_abs_diff(out, transform({"image": jpeg}, None)["image"]) < 2.0
+
+
+# ---- the core's JPEG crop decoder ----
+
+needs_crop_decoder = pytest.mark.skipif(
+    not _core.jpeg_crop_decoder(), reason="pyengine's core was built without libjpeg-turbo"
+)
+needs_simplejpeg = pytest.mark.skipif(image_module.simplejpeg is None, reason="simplejpeg is not installed")
+
+# Pillow's options for each kind of JPEG the crop decoder must handle.
+_JPEG_KINDS = {
+    "4:2:0": {"subsampling": 2},
+    "4:2:2": {"subsampling": 1},
+    "4:4:4": {"subsampling": 0},
+    "gray": {"mode": "L"},
+    "progressive": {"progressive": True},
+    "optimized": {"optimize": True},
+}
+_H, _W = 203, 261  # neither a multiple of 16: partial iMCUs at the right and bottom
+# Crops at every border and corner, one pixel wide, odd offsets, fractional edges, the whole image.
+_BOXES = [
+    (0, 0, _W, _H), (0, 0, 37, 29), (_W - 41, _H - 30, _W, _H), (0, _H - 20, 35, _H), (_W - 17, 0, _W, 19),
+    (17, 9, 18, 10), (31, 45, 97, 111), (15.5, 7.25, 200.75, 64.5), (1, 1, _W - 1, _H - 1), (63, 0, 65, _H),
+    (129, 77, 261, 203),
+]  # fmt: skip
+
+
+def _kind_jpeg(kind: str, seed: int = 8) -> np.ndarray:
+    options = dict(_JPEG_KINDS[kind])
+    mode = options.pop("mode", None)
+    return _encode(_picture(_H, _W, seed=seed), mode=mode, **options)
+
+
+def _whole_decode(data: np.ndarray, scale: int, fast: bool) -> np.ndarray:
+    """simplejpeg's whole-image decode at scale / 8 (the path the crop decoder replaces)."""
+    gray = Image.open(io.BytesIO(data.tobytes())).mode == "L"
+    h, w = -(-_H * scale // 8), -(-_W * scale // 8)
+    pixels = image_module.simplejpeg.decode_jpeg(
+        data.tobytes(), colorspace="GRAY" if gray else "RGB", fastdct=fast, min_height=h, min_width=w
+    )
+    assert pixels.shape[:2] == (h, w)
+    return pixels.reshape(h, w, -1)
+
+
+@needs_crop_decoder
+@needs_simplejpeg
+@pytest.mark.parametrize("kind", sorted(_JPEG_KINDS))
+def test_crop_decode_is_the_whole_decode_inside_the_crop(kind):
+    data = _kind_jpeg(kind)
+    for scale in (8, 5, 4, 2, 1):
+        for fast in (False, True):
+            whole = _whole_decode(data, scale, fast)
+            sy, sx = whole.shape[0] / _H, whole.shape[1] / _W
+            for box in _BOXES:
+                band, (x0, y0), scaled = _core.decode_jpeg_region(data, box, scale, fast)
+                assert scaled == whole.shape[:2]
+                # The pixels the box touches, in the band and in the whole image: bit for bit.
+                xa, xb = int(np.floor(box[0] * sx)), min(int(np.ceil(box[2] * sx)), whole.shape[1])
+                ya, yb = int(np.floor(box[1] * sy)), min(int(np.ceil(box[3] * sy)), whole.shape[0])
+                assert x0 <= xa and xb <= x0 + band.shape[1] and y0 <= ya and yb <= y0 + band.shape[0]
+                np.testing.assert_array_equal(
+                    band[ya - y0 : yb - y0, xa - x0 : xb - x0], whole[ya:yb, xa:xb], err_msg=f"{scale}/8 {fast} {box}"
+                )
+
+
+@needs_crop_decoder
+@needs_simplejpeg
+@pytest.mark.parametrize("kind", sorted(_JPEG_KINDS))
+def test_fused_crop_resize_equals_crop_resize_of_the_whole_decode(kind):
+    data = _kind_jpeg(kind, seed=9)
+    for i, box in enumerate(_BOXES):
+        scale, flip, layout = (8, 4, 2)[i % 3], i % 2 == 1, ("HWC", "CHW")[i % 2]
+        whole = _whole_decode(data, scale, False)
+        sy, sx = whole.shape[0] / _H, whole.shape[1] / _W
+        mapped = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        expected = _core.crop_resize(whole, mapped, 40, 56, layout, flip)
+        fused = _core.decode_crop_resize_jpeg(data, box, 40, 56, layout, flip, scale)
+        # The same pixels and filter; the band's offset can change a weight's rounding, no more.
+        assert np.abs(fused.astype(np.int16) - expected).max() <= 1, (box, scale)
+        assert _mean_abs_diff(fused, expected) < 0.01
+
+
+@needs_crop_decoder
+@needs_simplejpeg
+def test_transforms_give_the_same_crops_with_and_without_the_crop_decoder(monkeypatch):
+    small, large = _encode(_picture(240, 320, seed=1)), _encode(_picture(600, 800, seed=2))
+    transforms = [
+        pe.data.RandomResizedCrop(size=64),  # crops of large mostly allow a DCT reduction
+        pe.data.RandomResizedCrop(size=(48, 80), layout="CHW"),
+        pe.data.CenterCrop(size=96, resize=110),
+    ]
+    for transform in transforms:
+        for data in (small, large):
+            for seed in range(6):
+                monkeypatch.setattr(image_module, "_crop_decode", True)
+                crop = transform({"image": data}, np.random.default_rng(seed))["image"]
+                monkeypatch.setattr(image_module, "_crop_decode", False)
+                whole = transform({"image": data}, np.random.default_rng(seed))["image"]
+                assert np.abs(crop.astype(np.int16) - whole).max() <= 1, (transform, seed)
+
+
+@needs_simplejpeg
+def test_dct_scale_is_the_one_simplejpeg_picks():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        height, width = int(rng.integers(16, 3000)), int(rng.integers(16, 3000))
+        reduce = (float(rng.uniform(0.01, 1.2)), float(rng.uniform(0.01, 1.2)))
+        n = image_module._dct_scale_num(height, width, reduce)
+        min_h, min_w = image_module._min_decode_size(height, width, reduce)
+        if min_h == 0:
+            assert n == 8
+            continue
+        # simplejpeg's rule: the smallest n/8 decode at least (min_h, min_w).
+        assert -(-height * n // 8) >= min_h and -(-width * n // 8) >= min_w
+        assert n == 1 or -(-height * (n - 1) // 8) < min_h or -(-width * (n - 1) // 8) < min_w
+
+
+@needs_crop_decoder
+def test_crop_decoder_is_asked_for_the_reduced_scale(monkeypatch):
+    calls = []
+    real = _core.decode_crop_resize_jpeg
+
+    def recording(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(_core, "decode_crop_resize_jpeg", recording)
+    data = _encode(_picture(480, 640, seed=4))
+    pe.data.CenterCrop(size=64, resize=64)({"image": data}, None)  # box 480x480 -> 64: 1/8 still covers it
+    pe.data.CenterCrop(size=224, resize=400)({"image": data}, None)  # box ~269 -> 224: not below 5/8
+    pe.data.CenterCrop(size=64, resize=64, dct_downscale=False, fast_dct=True)({"image": data}, None)
+    assert [c[6:8] for c in calls] == [(2, False), (8, False), (8, True)]  # (scale_num, fast_dct)
+
+
+@needs_crop_decoder
+@pytest.mark.parametrize("kind", ["4:2:0", "progressive"])
+def test_truncated_and_corrupt_jpegs_raise_value_error_naming_the_field(kind):
+    data = _kind_jpeg(kind)
+    transform = pe.data.RandomResizedCrop(field="photo", size=32)
+    top_left = (0, 0, 16, 16)  # the missing rows lie below this crop, and are still noticed
+    for keep in range(200, len(data) - 2, len(data) // 40):
+        cut = data[:keep]
+        with pytest.raises(ValueError, match="corrupt JPEG|Premature end"):
+            _core.decode_crop_resize_jpeg(cut, top_left, 8, 8)
+        with pytest.raises(ValueError, match="field 'photo' holds"):
+            transform({"photo": cut}, np.random.default_rng(keep))
+    rng = np.random.default_rng(1)
+    failures = 0
+    for _ in range(300):
+        bad = data.copy()
+        at = rng.integers(0, len(bad), int(rng.integers(1, 8)))
+        bad[at] ^= rng.integers(1, 256, len(at)).astype(np.uint8)
+        try:
+            out = transform({"photo": bad}, rng)["photo"]
+            assert out.shape == (32, 32, 3)
+        except ValueError as e:
+            assert "field 'photo'" in str(e)
+            failures += 1
+    assert failures > 0
+
+
+@needs_crop_decoder
+def test_crop_decoder_bindings_check_their_arguments(jpeg):
+    with pytest.raises(ValueError, match="contiguous 1-D buffer of bytes"):
+        _core.decode_crop_resize_jpeg(np.zeros((4, 4), np.uint8), (0, 0, 1, 1), 2, 2)
+    with pytest.raises(ValueError, match="contiguous 1-D buffer of bytes"):
+        _core.jpeg_header(jpeg[::2])
+    with pytest.raises(ValueError, match="scale_num"):
+        _core.decode_crop_resize_jpeg(jpeg, (0, 0, 10, 10), 2, 2, scale_num=9)
+    with pytest.raises(ValueError, match="outside"):
+        _core.decode_crop_resize_jpeg(jpeg, (0, 0, 321, 10), 2, 2)
+    with pytest.raises(ValueError, match="layout"):
+        _core.decode_crop_resize_jpeg(jpeg, (0, 0, 10, 10), 2, 2, layout="NHWC")
+    with pytest.raises(ValueError, match="corrupt JPEG"):
+        _core.jpeg_header(b"\xff\xd8\xff not really")
+    assert _core.jpeg_header(jpeg) == (240, 320, 3)
+    assert _core.jpeg_header(jpeg.tobytes()) == (240, 320, 3)
+    assert _core.jpeg_header(_encode(_picture(20, 30), mode="CMYK"))[2] == 0  # left to Pillow
+    out = np.zeros((3, 5, 6), np.uint8)
+    assert _core.decode_crop_resize_jpeg(jpeg, (0, 0, 60, 50), 5, 6, "CHW", out=out) is out
+
+
+@needs_crop_decoder
+def test_fast_dct_gives_close_but_different_pixels(jpeg):
+    box = (10, 20, 300, 230)
+    accurate = _core.decode_crop_resize_jpeg(jpeg, box, 224, 224)
+    fast = _core.decode_crop_resize_jpeg(jpeg, box, 224, 224, fast_dct=True)
+    assert not np.array_equal(accurate, fast) and _mean_abs_diff(accurate, fast) < 1.0
+
+
+_JPEG_REGRESSIONS = sorted((Path(__file__).parent.parent / "fuzz" / "regressions" / "fuzz_jpeg_decode").glob("*"))
+
+
+@needs_crop_decoder
+@pytest.mark.parametrize("case", _JPEG_REGRESSIONS, ids=lambda p: p.name)
+def test_jpeg_that_failed_the_fuzzer_decodes_like_the_whole_image(case):
+    """fuzz/fuzz_jpeg_decode.cpp's input: u8 flags (scale - 1, fast IDCT), u16 x4 box, the JPEG."""
+    raw = case.read_bytes()
+    flags, edges, data = raw[0], np.frombuffer(raw[1:9], "<u2") / 65535, raw[9:]
+    height, width, _ = _core.jpeg_header(data)
+    xs, ys = sorted(edges[0::2] * width), sorted(edges[1::2] * height)
+    box = (xs[0], ys[0], max(xs[1], xs[0] + 1), max(ys[1], ys[0] + 1))
+    scale, fast = 1 + (flags & 7), bool(flags & 8)
+    band, (x0, y0), _ = _core.decode_jpeg_region(data, box, scale, fast)
+    whole, _, _ = _core.decode_jpeg_region(data, (0, 0, width, height), scale, fast)
+    xa, xb = int(box[0] * whole.shape[1] / width), math.ceil(box[2] * whole.shape[1] / width)
+    ya, yb = int(box[1] * whole.shape[0] / height), math.ceil(box[3] * whole.shape[0] / height)
+    np.testing.assert_array_equal(band[ya - y0 : yb - y0, xa - x0 : xb - x0], whole[ya:yb, xa:xb])
+
+
+def test_jpeg_decoder_names_the_path_in_use(monkeypatch):
+    if _core.jpeg_crop_decoder():
+        assert image_module.jpeg_decoder() == f"{_core.jpeg_crop_decoder()} (crop decode)"
+    monkeypatch.setattr(image_module, "_crop_decode", False)
+    expected = "simplejpeg" if image_module.simplejpeg is not None else "Pillow"
+    assert image_module.jpeg_decoder().startswith(expected) and image_module.jpeg_decoder().endswith("(whole image)")
+    monkeypatch.setattr(image_module, "simplejpeg", None)
+    assert image_module.jpeg_decoder() == "Pillow (whole image)"
+
+
+def test_environment_variable_turns_the_crop_decoder_off():
+    code = "from pyengine.data import image; print(image.jpeg_decoder())"
+    env = dict(os.environ, PYENGINE_JPEG_CROP_DECODE="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("(whole image)")
 
 
 def _make_folder(root) -> dict[str, list[str]]:
