@@ -7,7 +7,9 @@
 // DCT domain may scale the image by n/8 first. Entropy decoding still reads every row above
 // the crop's bottom (Huffman data is sequential); progressive JPEGs read the whole file.
 // The band is widened by two pixels on each side where the image allows, so the edge handling
-// of chroma upsampling falls outside the crop: the crop's pixels equal a whole-image decode's.
+// of chroma upsampling falls outside the crop: the crop's pixels equal a whole-image decode's
+// (TurboJPEG's, simplejpeg's, bit for bit; except for a progressive JPEG that stops before its
+// last scan, which libjpeg would smooth from neighbouring blocks the crop lacks: never here).
 //
 // Untrusted input: every libjpeg error, and every warning (corrupt or missing data, which
 // libjpeg would otherwise paper over with grey), becomes pe::InvalidArgument; the work is
