@@ -98,10 +98,15 @@ class Study:
     fully serialised fallback. Other pending changes (trials started elsewhere in the space,
     values completed meanwhile) do not invalidate a suggestion, so a claimed trial may have
     been chosen on a slightly older history, and its number may be later than the one the
-    sampler was told. A trial left RUNNING by a dead worker (same host: its pid is gone; any
-    host: no heartbeat for `grace_period_s`, measured on the storage's clock: the server's
-    for PostgreSQL, this host's for SQLite) is re-queued up to `max_retries` times, then
-    marked FAILED; a re-queued trial resumes from its own checkpoint directory.
+    sampler was told (its randomness then comes from the number it was told: a run with one
+    worker is reproducible, one with several is not). A trial left RUNNING by a dead worker
+    (same host: its pid is gone; any host: no heartbeat for `grace_period_s`, measured on the
+    storage's clock: the server's for PostgreSQL, this host's for SQLite) is re-queued up to
+    `max_retries` times, then marked FAILED; a re-queued trial resumes from its own
+    checkpoint directory.
+
+    Attributes:
+        claim_stats: suggestions made by this object, dropped at the claim, and their cost.
 
     Args:
         space: dict of parameter name -> `Uniform` / `LogUniform` / `IntUniform` / `Choice`.
