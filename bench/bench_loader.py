@@ -4,10 +4,12 @@ Run (never alongside other benchmarks)::
 
     flock /tmp/pyengine-bench.lock python bench/bench_loader.py [--quick] [--dir DIR]
 
-Prints one table. Baselines: memcpy (numpy copyto, 1 and 2 threads), a vectorised numpy
-gather from an in-memory array, and torch.utils.data.DataLoader (num_workers 0 and 2,
-per-sample __getitem__ + default collate) over the same in-memory data. Datasets are
-written once under --dir and reused.
+Prints one table. Baselines: memcpy (numpy copyto, 1 and 2 threads), a vectorised numpy gather
+from an in-memory array, and torch.utils.data.DataLoader (num_workers 0 and 2, per-sample
+__getitem__ + default collate) over the same in-memory data. Datasets are written once under
+--dir and reused. An image section ends the table (``--images N``; ``--only-images`` runs it
+alone): JPEG decode + RandomResizedCrop against DataLoader+Pillow, and DALI and FFCV when they
+import (run under a Python that has them; see pyengine/benchmarks/image_loaders.py).
 """
 
 from __future__ import annotations
@@ -187,10 +189,38 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def image_section(args: argparse.Namespace, row) -> None:
+    """JPEG decode + RandomResizedCrop(224) + flip: pe against DataLoader+Pillow, DALI and FFCV
+    (the last two when they import), images/s and the stall of a 50 ms step; see
+    pyengine/benchmarks/image_loaders.py for what each does."""
+    from pyengine.benchmarks import image_loaders
+
+    images = args.images or (1000 if args.quick else 20_000)
+    print(f"\nimages: JPEG decoder {pe.data.image.jpeg_decoder()}", flush=True)
+    results = image_loaders.run(
+        images, batch_size=64, measure=640 if args.quick else 3000, steps=10 if args.quick else 40,
+        workdir=os.path.join(args.dir, f"jpeg-{images}"),
+    )  # fmt: skip
+    base = next(r for r in results if r["name"].startswith("dataloader"))["images_per_s"]
+    best_pe = max(r["images_per_s"] for r in results if r["name"].startswith("pe "))
+    for r in results:
+        ratio = f"pe best {best_pe / r['images_per_s']:.2f}x this" if not r["name"].startswith("pe ") else ""
+        row(
+            f"images: {r['name']}",
+            f"{r['images_per_s']:,.0f} /s",
+            f"{r['images_per_s'] / base:.2f}x DataLoader+Pillow; stall {r['stall_sleep']:.1%} of a "
+            f"{r['step_sleep_s'] * 1e3:.0f} ms sleep step, {r['stall_compute']:.1%} of a "
+            f"{r['step_compute_s'] * 1e3:.0f} ms CPU step; {ratio}",
+        )
+    row("images: largest batch pe (best) feeds every 50 ms", f"{int(best_pe * 0.05)}", "no stall below this")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "pyengine-bench-data"))
     ap.add_argument("--quick", action="store_true", help="smaller datasets (a smoke run)")
+    ap.add_argument("--images", type=int, default=None, help="JPEGs in the image section (default 20000, quick 1000)")
+    ap.add_argument("--only-images", action="store_true", help="run the image section alone")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     torch.set_num_threads(1)
@@ -202,6 +232,9 @@ def main() -> None:
         print(f"{what:<58} {value:>16}  {note}", flush=True)
 
     print(f"cores: {os.cpu_count()}, torch {torch.__version__}, batch {BATCH}, load average {os.getloadavg()[0]:.2f}\n")
+    if args.only_images:
+        image_section(args, row)
+        return
     mc1, mc2 = memcpy_gbps(256 << 20, 1), memcpy_gbps(256 << 20, 2)
     row("memcpy 256 MiB, 1 thread", f"{mc1:.2f} GB/s")
     row("memcpy 256 MiB, 2 threads", f"{mc2:.2f} GB/s")
@@ -324,6 +357,7 @@ def main() -> None:
             f"RSS +{rss_mib() - before:.1f} MiB after an epoch",
         )
         del lo
+    image_section(args, row)
     row("load average (1 min) at the end", f"{os.getloadavg()[0]:.2f}", "other processes share these cores")
     row("peak RSS of this run", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

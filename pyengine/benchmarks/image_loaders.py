@@ -8,7 +8,10 @@ crop geometry, antialiased bilinear resize to 224x224, random horizontal flip, b
 - ``pe``: pe.data.Loader over the written dataset with sample_transform=RandomResizedCrop,
   at 1 and 2 transform threads.
 - ``dali``: NVIDIA DALI's CPU pipeline (readers.file + decoders.image_random_crop + resize +
-  flip, 2 threads), when ``nvidia.dali`` imports. ``ffcv`` when it imports (it rarely does).
+  flip, 2 threads), when ``nvidia.dali`` imports.
+- ``ffcv``: FFCV's RandomResizedCropRGBImageDecoder over a .beton of the same images
+  re-encoded as JPEG q90, 2 threads, when ``ffcv`` imports (it needs OpenCV and libturbojpeg
+  from the system: ``apt-get install pkg-config libopencv-dev libturbojpeg0-dev``).
 
 And the data stall of each: the share of a loop's time spent waiting for the next batch when
 every batch is followed by a ~50 ms training step, either on the CPU (a fixed matmul on one
@@ -201,6 +204,47 @@ def ffcv_available() -> bool:
     return True
 
 
+def ffcv_batches(root: str, workdir: str, batch_size: int, threads: int = 2) -> Iterator[Any]:
+    """FFCV's JPEG pipeline doing the same work: its .beton holds the images re-encoded as JPEG
+    q90 (RGBImageField write_mode="jpg"), decoded by RandomResizedCropRGBImageDecoder (crop
+    fused with the decode, libjpeg-turbo), flipped, batched; yields (images, labels)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    from ffcv.writer import DatasetWriter
+    from PIL import Image
+
+    beton = os.path.join(workdir, "ffcv.beton")
+    if not os.path.exists(beton):
+        files, labels = image_files(root)
+
+        class Files(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return len(files)
+
+            def __getitem__(self, i: int) -> tuple[Any, int]:
+                return Image.open(files[i]).convert("RGB"), labels[i]
+
+        fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=QUALITY), "label": IntField()}
+        DatasetWriter(beton + ".tmp", fields, num_workers=2).from_indexed_dataset(Files())
+        os.replace(beton + ".tmp", beton)
+    torch_threads = torch.get_num_threads()
+    loader = Loader(
+        beton, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM, drop_last=True, seed=0,
+        pipelines={
+            "image": [RandomResizedCropRGBImageDecoder((224, 224)), RandomHorizontalFlip(), ToTensor()],
+            "label": [IntDecoder(), ToTensor()],
+        },
+    )  # fmt: skip
+    while True:
+        for images, labels in loader:
+            # FFCV sets torch.set_num_threads(num_workers) process-wide each epoch; undo it so
+            # the training step it feeds runs like the other loaders'.
+            torch.set_num_threads(torch_threads)
+            yield images, labels
+
+
 def images_per_second(batches: Iterator[Any], batch_size: int, images: int, warmup: int = 8) -> float:
     """Images per second over `images` images, after `warmup` batches: workers started, and the
     batches each loader had prefetched at the start drained, so the rate is the steady one."""
@@ -289,7 +333,9 @@ def run(
         loaders.append(("dali cpu num_threads=2", lambda: dali_batches(root, batch_size)))
     else:
         print("dali: nvidia.dali does not import here; skipped")
-    if not ffcv_available():
+    if ffcv_available():
+        loaders.append(("ffcv num_workers=2", lambda: ffcv_batches(root, workdir, batch_size)))
+    else:
         print("ffcv: not importable; skipped")
     # Calibrated once, before any loader runs: loader threads would slow the calibration.
     steps_by_kind = {kind: make_step(kind) for kind in ("compute", "sleep")}
