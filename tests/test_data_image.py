@@ -458,10 +458,13 @@ def test_jpeg_decoder_names_the_path_in_use(monkeypatch):
     assert image_module.jpeg_decoder() == "Pillow (whole image)"
 
 
-def test_environment_variable_turns_the_crop_decoder_off():
+def test_environment_variable_turns_the_crop_decoder_off(tmp_path):
     code = "from pyengine.data import image; print(image.jpeg_decoder())"
     env = dict(os.environ, PYENGINE_JPEG_CROP_DECODE="0")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # From outside the repository root, where the source tree would shadow the installed package.
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert result.stdout.strip().endswith("(whole image)")
 
 
