@@ -45,7 +45,7 @@ def test_deterministic_fixes_the_noise_at_the_floor():
     assert fit_gp(_smooth_data()[0], noisy_y, deterministic=True).noise == NOISE_FLOOR
 
     space = Space({"a": pe.tune.Uniform(0.0, 1.0), "b": pe.tune.Uniform(0.0, 1.0)})
-    complete = [(space.decode(np.array(x)), float(v)) for x, v in zip(*_smooth_data())]
+    complete = [(space.decode(x.numpy()), float(v)) for x, v in zip(*_smooth_data())]
     history = History(complete, [], {space.key(p) for p, _ in complete}, len(complete), 0)
     sampler = pe.tune.BayesSampler(deterministic=True)
     assert all(gp.noise == NOISE_FLOOR for gp in sampler.fit(space, history, torch.Generator().manual_seed(0)))
@@ -54,7 +54,7 @@ def test_deterministic_fixes_the_noise_at_the_floor():
 
 def test_hyperparameter_draws_average_ei_over_several_models():
     space = Space({"a": pe.tune.Uniform(0.0, 1.0), "b": pe.tune.Uniform(0.0, 1.0)})
-    complete = [(space.decode(np.array(x)), float(v)) for x, v in zip(*_smooth_data())]
+    complete = [(space.decode(x.numpy()), float(v)) for x, v in zip(*_smooth_data())]
     history = History(complete, [], {space.key(p) for p, _ in complete}, len(complete), 0)
     sampler = pe.tune.BayesSampler(n_hyper_samples=3)
     gps = sampler.fit(space, history, torch.Generator().manual_seed(0))
