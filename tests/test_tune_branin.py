@@ -28,8 +28,11 @@ def test_branin_solved_in_nine_of_ten_seeds_by_50_evaluations():
     solved = []
     for seed in range(10):
         study = pe.tune.Study(space, sampler="bayes", seed=seed)
-        study.optimize(lambda t: branin(t.params), n_trials=50)
-        assert len(study.trials) == 50
+        # In steps of 10, stopping once solved: a study continues where it stopped (the
+        # sampler sees the same history), so this is the 50-evaluation run, cut short.
+        while len(study.trials) < 50 and not (study.trials and study.best_value - BRANIN_MIN < 0.01):
+            study.optimize(lambda t: branin(t.params), n_trials=10)
+        assert len(study.trials) <= 50
         solved.append(study.best_value - BRANIN_MIN < 0.01)
     assert sum(solved) >= 9, f"solved seeds: {solved}"
 
