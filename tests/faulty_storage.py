@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pyengine.checkpoint.storage import FileSystemStorage
 
@@ -76,12 +76,16 @@ def inject(ckpt: Any, storage: FileSystemStorage) -> None:
 
 class SlowStorage(FileSystemStorage):
     """A stalled file system (an NFS server that answers late): each part is reported durable
-    only `seconds` after it is."""
+    only `seconds` after it is, or, given `until`, `seconds` after that event is set (at most a
+    minute), so a test's interruption always lands inside the stall however slow the machine."""
 
-    def __init__(self, root: Path, seconds: float) -> None:
+    def __init__(self, root: Path, seconds: float, until: Optional[threading.Event] = None) -> None:
         super().__init__(root)
         self.seconds = seconds
+        self.until = until
 
     def finish_part(self, *args: Any, **kwargs: Any) -> None:
         super().finish_part(*args, **kwargs)
+        if self.until is not None:
+            self.until.wait(60.0)
         threading.Event().wait(self.seconds)

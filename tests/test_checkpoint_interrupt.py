@@ -25,7 +25,10 @@ from faulty_storage import SlowStorage, inject
 root, where = sys.argv[1], sys.argv[2]
 ck = pe.Checkpointer(root, capture_rng=False, max_in_flight=1)
 ck.save(1, {{"w": torch.arange(1 << 16, dtype=torch.float32) + 1}}).wait()
-inject(ck, SlowStorage(ck.directory, seconds=4.0))
+# The stall lasts until a second after the interrupt: on a loaded machine a fixed stall could
+# end before the signal is sent.
+interrupted = threading.Event()
+inject(ck, SlowStorage(ck.directory, seconds=1.0, until=interrupted))
 handle = ck.save(2, {{"w": torch.arange(1 << 16, dtype=torch.float32) + 2}})
 sent = []
 
@@ -33,6 +36,7 @@ def interrupt():
     time.sleep(0.5)
     sent.append(time.monotonic())
     os.kill(os.getpid(), signal.SIGINT)
+    interrupted.set()
 
 threading.Thread(target=interrupt).start()
 try:
