@@ -23,6 +23,9 @@ sys.path.insert(0, {tests!r})
 from faulty_storage import SlowStorage, inject
 
 root, where = sys.argv[1], sys.argv[2]
+# A terminal's Ctrl-C: Python keeps SIGINT ignored when its parent ignored it (as a shell does
+# for a background job, like the CI's sanitizer run beside pytest), so make it the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ck = pe.Checkpointer(root, capture_rng=False, max_in_flight=1)
 ck.save(1, {{"w": torch.arange(1 << 16, dtype=torch.float32) + 1}}).wait()
 # The stall lasts until a second after the interrupt: on a loaded machine a fixed stall could
