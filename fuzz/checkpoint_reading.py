@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 from harness import require
 
@@ -25,6 +26,21 @@ from pyengine.checkpoint.step_reader import open_step
 
 ACCEPTED = (pe.CheckpointError, ValueError)
 STEP = 1
+
+
+def manifest_target(fixture: str) -> Any:
+    """The test function of a target that mutates the manifest of step 1 of a private copy of
+    `fixture` (a committed checkpoint directory) and reads the step back; allocations are
+    bounded by the step's size on disk."""
+    step_path = harness.private_copy(fixture) / f"step-{STEP:08d}"
+    harness.limit_allocations(harness.tree_bytes(step_path))
+    checkpointer = pe.Checkpointer(step_path.parent)
+
+    def test_one_input(data: bytes) -> None:
+        (step_path / "manifest.json").write_bytes(harness.manifest_bytes(data))
+        read_step(checkpointer, step_path)
+
+    return test_one_input
 
 
 def crc_of(t: torch.Tensor) -> int:

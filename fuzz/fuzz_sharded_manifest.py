@@ -9,17 +9,7 @@ from __future__ import annotations
 import checkpoint_reading
 import harness
 
-import pyengine as pe
-
-STEP_PATH = harness.private_copy("sharded") / "step-00000001"
-harness.limit_allocations(harness.tree_bytes(STEP_PATH))
-CHECKPOINTER = pe.Checkpointer(STEP_PATH.parent)
-
-
-def test_one_input(data: bytes) -> None:
-    (STEP_PATH / "manifest.json").write_bytes(harness.manifest_bytes(data))
-    checkpoint_reading.read_step(CHECKPOINTER, STEP_PATH)
-
+test_one_input = checkpoint_reading.manifest_target("sharded")
 
 if __name__ == "__main__":
     harness.run(test_one_input)
