@@ -1,7 +1,7 @@
 """Checkpoint-frequency trade-off study: overhead and expected waste against the checkpoint
 interval, for torch.save, DCP async_save (dcp.async_save as documented; dcp.cached,
 dcp.async-thread and dcp.async-process configured as torchtitan does, see
-pyengine/benchmarks/dcp_baselines.py) and pyengine (blocking and overlapped snapshot), with
+src/pyengine/benchmarks/dcp_baselines.py) and pyengine (blocking and overlapped snapshot), with
 the Young/Daly optimum and OverheadBudget's choice marked; the log compares the training time
 pe-overlap loses per save with each DCP method's.
 

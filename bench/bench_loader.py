@@ -9,7 +9,7 @@ from an in-memory array, and torch.utils.data.DataLoader (num_workers 0 and 2, p
 __getitem__ + default collate) over the same in-memory data. Datasets are written once under
 --dir and reused. An image section ends the table (``--images N``; ``--only-images`` runs it
 alone): JPEG decode + RandomResizedCrop against DataLoader+Pillow, and DALI and FFCV when they
-import (run under a Python that has them; see pyengine/benchmarks/image_loaders.py).
+import (run under a Python that has them; see src/pyengine/benchmarks/image_loaders.py).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def rss_mib() -> float:
 def image_section(args: argparse.Namespace, row) -> None:
     """JPEG decode + RandomResizedCrop(224) + flip: pe against DataLoader+Pillow, DALI and FFCV
     (the last two when they import), images/s and the stall of a 50 ms step; see
-    pyengine/benchmarks/image_loaders.py for what each does."""
+    src/pyengine/benchmarks/image_loaders.py for what each does."""
     from pyengine.benchmarks import image_loaders
 
     images = args.images or (1000 if args.quick else 20_000)

@@ -1,5 +1,5 @@
 // Tensors to save and the checks that a checkpoint part on disk holds them, without Python:
-// the reads are built the way pyengine/checkpoint builds them from a manifest, from the same
+// the reads are built the way src/pyengine/checkpoint builds them from a manifest, from the same
 // deterministic plan_layout the writer used.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Dataset files in the on-disk format of csrc/core/data/shard_file.h (what
-// pyengine/data/writer.py writes), made by the tests without Python.
+// src/pyengine/data/writer.py writes), made by the tests without Python.
 #pragma once
 
 #include <cstdint>

@@ -2,7 +2,7 @@
 //
 // The writer writes a *part*: shard files and manifest.json, in today's format, straight into
 // a directory that the caller created empty. Naming, committing (rename), pruning and the
-// coordination of ranks belong to the caller (pyengine/checkpoint), which renames the part's
+// coordination of ranks belong to the caller (src/pyengine/checkpoint), which renames the part's
 // directory into place only after wait() returned for it.
 //
 // Concurrency contract:

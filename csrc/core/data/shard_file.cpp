@@ -14,7 +14,7 @@
 namespace pe::data {
 namespace {
 
-// Field positions inside the 4096-byte header; pyengine/data/format.py packs the same. The
+// Field positions inside the 4096-byte header; src/pyengine/data/format.py packs the same. The
 // last three are version 2's (zero in version 1 files).
 struct RawHeader {
   char magic[8];
@@ -31,7 +31,7 @@ struct RawHeader {
   uint32_t block_table_crc32c;
   uint32_t offsets_crc32c;  // variable fields: the offset table's; 0 for fixed fields
 };
-static_assert(sizeof(RawHeader) == 144, "header layout must match pyengine/data/format.py");
+static_assert(sizeof(RawHeader) == 144, "header layout must match src/pyengine/data/format.py");
 
 const char* kHint = " Re-create it with pe.data.write_dataset (or from_torch_dataset).";
 

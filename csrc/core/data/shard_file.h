@@ -1,6 +1,6 @@
 // One field of one shard of a dataset, memory-mapped read-only.
 //
-// On-disk layout (little-endian), written by pyengine/data/writer.py:
+// On-disk layout (little-endian), written by src/pyengine/data/writer.py:
 //   [0, 4096)            header: magic, version, kind, count, sizes, dtype, shape, checksums
 //   [4096, 4096 + P)     payload: samples back to back (P = payload_bytes)
 //   variable kind only:  at align8(4096 + P), count + 1 uint64 offsets into the payload
@@ -37,7 +37,7 @@ constexpr uint32_t kOldestFormatVersion = 1;  // the oldest this reader opens
 // Bytes [0, kHeaderCrcOffset) of the header are covered by the header checksum.
 constexpr uint64_t kHeaderCrcOffset = 508;
 // The block sizes a version-2 header may record (powers of two); the writer's default is
-// pyengine/data/format.py's BLOCK_BYTES.
+// src/pyengine/data/format.py's BLOCK_BYTES.
 constexpr uint64_t kMinBlockBytes = 512;
 constexpr uint64_t kMaxBlockBytes = uint64_t{1} << 30;
 

@@ -11,9 +11,10 @@ except ImportError as e:  # pragma: no cover - depends on how Python was started
     import os as _os
 
     raise ImportError(
-        f"pyengine's compiled core is missing from {_os.path.dirname(__file__)}: that is probably a source "
-        "checkout shadowing the installed package (Python puts the current directory first for `python -m` and "
-        "`python -c`). Run from another directory, or install in editable mode: pip install -e ."
+        f"pyengine's compiled core is missing from {_os.path.dirname(__file__)}: the package was imported "
+        "from a folder that was never built (an old checkout's pyengine/ in the current directory, which "
+        "Python searches first, or a copied tree). Install it (pip install . or, for development, "
+        "pip install --no-build-isolation -e .) and import it from there."
     ) from e
 
 from pyengine import checkpoint, data, distributed, train, transfer, tune
