@@ -45,7 +45,8 @@ class PartResult:
 def find_bench_dir(explicit: Path | None = None) -> Path | None:
     """The repository's bench/ folder: `explicit`, else the one beside an editable or source-tree
     pyengine package; None for an installed wheel, which has no bench/."""
-    candidates = [explicit] if explicit else [Path(pyengine.__file__).resolve().parent.parent / "bench"]
+    # pyengine.__file__ is <checkout>/src/pyengine/__init__.py in an editable install.
+    candidates = [explicit] if explicit else [Path(pyengine.__file__).resolve().parents[2] / "bench"]
     for c in candidates:
         if c is not None and (c / "bench_checkpoint.py").is_file():
             return c.resolve()

@@ -25,10 +25,11 @@ import numpy as np
 
 import pyengine as pe
 
-# The checkout's sibling shared/ folder, unless PYENGINE_LCBENCH_DIR says otherwise.
+# The shared/ folder beside the checkout (this file is <checkout>/src/pyengine/benchmarks/), unless
+# PYENGINE_LCBENCH_DIR says otherwise.
 DEFAULT_DATA_DIR = Path(
     os.environ.get("PYENGINE_LCBENCH_DIR")
-    or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "yahpo" / "lcbench"
+    or Path(__file__).resolve().parents[3].parent / "shared" / "data" / "yahpo" / "lcbench"
 )
 MAX_EPOCH = 52
 # The order of the continuous inputs of model.onnx (yahpo_gym/benchmarks/lcbench.py cont_names).
