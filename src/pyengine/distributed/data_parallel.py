@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pyengine.checkpoint.stateful import unwrap_module
+from pyengine.distributed.optimizer_rebind import ParametersBeforeWrap
 from pyengine.distributed.process_group import is_distributed
 from pyengine.distributed.trainable_guard import TrainableGuard, trainable_names
 
@@ -32,10 +33,12 @@ class DataParallel:
         self.module: torch.nn.Module | None = None
         self.wrapped: torch.nn.Module | None = None
         self._guard: TrainableGuard | None = None
+        self.parameters_before_wrap: ParametersBeforeWrap | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Returns the DDP-wrapped model (the model itself in a world of one)."""
         self.module = unwrap_module(model)
+        self.parameters_before_wrap = ParametersBeforeWrap(self.module)  # DDP keeps them; recorded alike
         if not is_distributed():
             self.wrapped = self.module
             return self.module

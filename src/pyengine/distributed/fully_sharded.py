@@ -1,8 +1,10 @@
 """Sharded data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 Parameters, gradients and optimizer state are sharded along dim 0 over a 1-D device mesh
-of every rank; parameters become DTensors. Build the optimizer AFTER wrap(). Works on CPU
-with gloo and on GPUs with NCCL.
+of every rank; parameters become DTensors. Works on CPU with gloo and on GPUs with NCCL.
+An optimizer built before wrapping still holds the unsharded parameters: pe.Trainer and
+pe.distributed.setup rebind it (optimizer_rebind.py); a loop that calls wrap() itself builds
+the optimizer after it, or calls pe.distributed.rebind_optimizer(opt, strategy).
 
     strategy = pe.distributed.FullyShard()
     model = strategy.wrap(model)
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from pyengine.distributed.optimizer_rebind import ParametersBeforeWrap
 from pyengine.distributed.process_group import is_distributed, world_size
 from pyengine.distributed.trainable_guard import TrainableGuard
 
@@ -26,15 +29,18 @@ class FullyShard:
     """
 
     name = "fsdp"
+    shard_source_rank = None  # fully_shard cuts each rank's own copy of a parameter; rebound state alike
 
     def __init__(self, reshard_after_forward: bool = True) -> None:
         self.reshard_after_forward = reshard_after_forward
         self.module: torch.nn.Module | None = None
         self.wrapped: torch.nn.Module | None = None  # what trains: the module itself, sharded in place
         self._guard: TrainableGuard | None = None
+        self.parameters_before_wrap: ParametersBeforeWrap | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         self.module = self.wrapped = model
+        self.parameters_before_wrap = ParametersBeforeWrap(model)
         if not is_distributed():
             return model
         from torch.distributed.device_mesh import init_device_mesh

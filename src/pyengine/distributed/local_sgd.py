@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pyengine.distributed.optimizer_rebind import ParametersBeforeWrap
 from pyengine.distributed.process_group import is_distributed, world_size
 
 
@@ -35,9 +36,11 @@ class LocalSGD:
         self.averagings = 0
         self.module: torch.nn.Module | None = None
         self.wrapped: torch.nn.Module | None = None  # the module itself: nothing wraps it
+        self.parameters_before_wrap: ParametersBeforeWrap | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         self.module = self.wrapped = model
+        self.parameters_before_wrap = ParametersBeforeWrap(model)  # kept, not replaced; recorded alike
         if is_distributed():
             with torch.no_grad():
                 for t in self._tensors():

@@ -7,7 +7,8 @@ weights, bias replicated), so the activation between them stays sharded and one 
 per block restores the full output. Works on CPU with gloo and on GPUs with NCCL.
 
 Unlike data parallelism every rank must see the SAME batch: the model is split, not the
-data (pe.Trainer refuses a rank-sharded loader). Build the optimizer AFTER wrap(). Sharded
+data (pe.Trainer refuses a rank-sharded loader). An optimizer built before wrap() is rebound
+to the sharded weights by pe.Trainer and pe.distributed.setup (optimizer_rebind.py). Sharded
 weights are DTensors (Shard(0) / Shard(1)), which the rank-sharded checkpoint saves by owner
 and reassembles on restore.
 
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
+from pyengine.distributed.optimizer_rebind import ParametersBeforeWrap
 from pyengine.distributed.process_group import is_distributed, world_size
 
 _STYLES = ("colwise", "rowwise")
@@ -55,6 +57,7 @@ class TensorParallel:
 
     name = "tensor"
     splits_data = False  # model parallel: every rank must see the same batch
+    shard_source_rank = 0  # the parallel styles scatter rank 0's weights (src_data_rank); rebound state alike
 
     def __init__(self, plan: Mapping[str, str] | None = None) -> None:
         if plan is not None:
@@ -64,9 +67,11 @@ class TensorParallel:
         self.plan = dict(plan) if plan is not None else None
         self.module: torch.nn.Module | None = None
         self.wrapped: torch.nn.Module | None = None  # the module itself, its Linear weights sharded in place
+        self.parameters_before_wrap: ParametersBeforeWrap | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         self.module = self.wrapped = model
+        self.parameters_before_wrap = ParametersBeforeWrap(model)
         plan = self.plan if self.plan is not None else linear_pairs(model)
         self._check(model, plan)
         if not is_distributed():
