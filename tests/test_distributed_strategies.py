@@ -64,7 +64,6 @@ def test_trainer_strategies_train_and_ddp_is_rewrapped_after_unfreezing(trained:
     r = report(trained, "train")["trainer"]
     assert r["ddp_losses"][-1] < r["ddp_losses"][0]
     assert r["fsdp_losses"][-1] < r["fsdp_losses"][0] and r["local_sgd_losses"][-1] < r["local_sgd_losses"][0]
-    assert "FSDP replaces them" in r["fsdp_optimizer_first"]
 
 
 def test_maybe_save_follows_rank_0_so_ranks_never_split(trained: Path) -> None:

@@ -85,10 +85,12 @@ class Trainer:
         unfreezer: a pe.transfer.GradualUnfreezer; its on_epoch_start runs before each
             virtual epoch's first step, and it is restored before the optimizer on resume.
         strategy: distribution strategy: None (one process), "ddp", "fsdp", "local_sgd", "tensor",
-            or a pe.distributed strategy object already applied (FullyShard(), TensorParallel(),
-            PipelineParallel(...)), so that the optimizer could be built over what wrap()
-            returned. Run the script under torchrun. Checkpoints become rank-sharded; only
-            rank 0 logs and shows progress.
+            or a pe.distributed strategy object, applied or not (FullyShard(), TensorParallel(),
+            PipelineParallel(...)). An optimizer built before wrapping, over model.parameters(),
+            is rebound to the wrapped (sharded) parameters, keeping its param groups, their
+            hyperparameters and any state (pe.distributed.rebind_optimizer; it raises
+            OptimizerRebindError where that cannot be done). Run the script under torchrun.
+            Checkpoints become rank-sharded; only rank 0 logs and shows progress.
             Data parallel ("ddp", "fsdp", "local_sgd"): give each rank its slice through
             pe.data.Loader(rank=, world_size=). After the unfreezer changes which parameters
             train, DDP is re-wrapped at the epoch start.
@@ -396,7 +398,8 @@ def _check_loss_and_strategy(loss_fn: Any, strategy: Any) -> None:
 
 def _distribute(strategy: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 train_loader: Iterable, val_loader: Iterable | None) -> Any:
-    """Joins the torchrun job and wraps `model`; the strategy's `wrapped` is what trains."""
+    """Joins the torchrun job, wraps `model` and rebinds `optimizer` to what trains (an optimizer
+    built before wrapping keeps its groups and state); the strategy's `wrapped` is what trains."""
     if strategy is None:
         return None
     strategy = distributed.make_strategy(strategy)
@@ -404,18 +407,8 @@ def _distribute(strategy: Any, model: torch.nn.Module, optimizer: torch.optim.Op
         raise NotImplementedError("strategy='hogwild' runs its own worker processes on one host, which pe.Trainer "
                                   "does not start: use pe.distributed.Hogwild(num_processes).run(train_fn, model)")
     distributed.init()
-    check_loaders(strategy, train_loader, val_loader)
-    if strategy.wrapped is None:
-        strategy.wrap(model)
-    trained = {id(p) for p in strategy.wrapped.parameters()}
-    if any(id(p) not in trained for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError(f"the optimizer holds parameters that the {strategy.name!r}-wrapped model does not train "
-                         "(FSDP replaces them with sharded ones, as tensor parallelism does in the layers it splits; "
-                         "a pipeline stage keeps only its own): wrap first, then build the optimizer over what wrap() "
-                         f"returns, and pass the strategy object: s = pe.distributed.{type(strategy).__name__}(...); "
-                         "model = s.wrap(model); opt = torch.optim.Adam(model.parameters()); "
-                         "pe.Trainer(model, opt, ..., strategy=s)")
-    return strategy
+    check_loaders(strategy, train_loader, val_loader)  # before wrapping: a wrong loader fails fast
+    return distributed.setup(model, optimizer, strategy).strategy
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
