@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pyengine.demo.section import Section
+from pyengine.demo.section import Section, Table
 
 
 def write_report(out: Path, sections: list[Section], total_seconds: float) -> Path:
@@ -22,7 +22,9 @@ def write_report(out: Path, sections: list[Section], total_seconds: float) -> Pa
         "",
     ]
     for section in sections:
-        lines += [f"## {section.title}", ""] + [f"- {line}" for line in section.lines]
+        lines += [f"## {section.title}", ""]
+        for line in section.lines:
+            lines += line.markdown() if isinstance(line, Table) else [f"- {line}"]
         if not section.ok:
             lines.append("- **this section's check did not hold**")
         lines.append(f"- ({section.seconds:.1f} s)")
@@ -49,6 +51,7 @@ def _draw_figures(out: Path, sections: list[Section]) -> bool:
             draw(ax)
             ax.grid(alpha=0.3)
             fig.tight_layout()
-            fig.savefig(out / name, dpi=100)
+            # A long axis label can still reach past the figure: the saved area grows to hold it.
+            fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plt.close(fig)
     return True
