@@ -23,18 +23,26 @@ def teacher_task(
     label_noise: float = 0.0,
     shift: float = 0.0,
     teacher_seed: int = 1234,
+    hidden: int = 64,
+    readout_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inputs x ~ N(0, I) (then shifted) labelled by argmax of a random 2-layer network of x.
 
     Args:
+        hidden: the teacher's hidden units: the features tanh(x @ w1) every task of this
+            teacher shares.
+        readout_seed: draws the teacher's readout (hidden -> classes) from this seed instead:
+            another task on the same hidden features, as a transfer-learning target.
         shift: strength of the domain shift applied to the inputs after labelling: a random
             rotation-like mixing plus an offset, both scaled by `shift`. The labels stay those
             of the unshifted inputs, so the task is the same and only the inputs move.
         label_noise: fraction of labels replaced by random ones.
     """
     teacher = np.random.default_rng(teacher_seed)
-    w1 = teacher.standard_normal((dim, 64)) / np.sqrt(dim)
-    w2 = teacher.standard_normal((64, classes)) / 8.0
+    w1 = teacher.standard_normal((dim, hidden)) / np.sqrt(dim)
+    w2 = teacher.standard_normal((hidden, classes)) / 8.0
+    if readout_seed is not None:
+        w2 = np.random.default_rng(readout_seed).standard_normal((hidden, classes))
     mix = np.eye(dim) + shift * teacher.standard_normal((dim, dim)) / np.sqrt(dim)
     offset = shift * teacher.standard_normal(dim)
     rng = np.random.default_rng(seed)
