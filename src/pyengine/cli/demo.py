@@ -14,7 +14,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="folder for the report (default: ./pyengine-demo, or -2, -3, ... if that is not empty)",
     )
-    p.add_argument("--quick", action="store_true", help="smaller problems (about half the time)")
+    p.add_argument("--quick", action="store_true", help="smaller problems, fewer steps and trials (what the tests run)")
     p.set_defaults(run=run)
 
 

@@ -1,5 +1,6 @@
-"""`pyengine demo`: every pattern of the book's training chapter, with measured numbers,
-on embedded data (nothing is downloaded)."""
+"""`pyengine demo`: every pattern of the book's training chapter (Machine Learning Design
+Patterns, ch. 4: Useful Overfitting, Checkpoints, Transfer Learning, Distribution Strategy,
+Hyperparameter Tuning), with measured numbers, on embedded data (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from pyengine.demo import crash_resume, early_stopping, overfitting, transfer, virtual_epochs
+from pyengine.demo import (
+    crash_resume,
+    distribution,
+    early_stopping,
+    overfitting,
+    transfer,
+    tuning,
+    virtual_epochs,
+)
 from pyengine.demo.report import write_report
 from pyengine.demo.section import Section
 
@@ -28,6 +37,8 @@ def run_demo(out: Path, quick: bool = False) -> tuple[Path, list[Section]]:
         ("Crash and exact resume", lambda: crash_resume.run(work / "crash_resume", quick)),
         ("Early stopping", lambda: early_stopping.run(work / "early_stopping", quick)),
         ("Transfer learning", lambda: transfer.run(work / "transfer", quick)),
+        ("Distribution strategy", lambda: distribution.run(work / "distribution", quick)),
+        ("Hyperparameter tuning", lambda: tuning.run(work / "tuning", quick)),
     ]
     sections = []
     for title, run in steps:
