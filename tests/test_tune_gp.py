@@ -154,3 +154,60 @@ def test_stall_is_detected_only_after_patience_trials_without_progress():
     assert not sampler.stalled(history([3.0, 2.0, 1.0, 0.5, 0.5, 0.5]))  # too few trials after startup
     assert sampler.stalled(history([3.0, 2.0, 1.0, 0.5, 0.7, 0.6, 0.5, 0.9]))
     assert not sampler.stalled(history([3.0, 2.0, 1.0, 0.5, 0.7, 0.6, 0.4, 0.9]))
+
+
+def _two_basin_history():
+    """10 scattered points, 12 crowded around A = (0.8, 0.8) (best -1.0, found first), 12 around
+    B = (0.2, 0.2) (best -2.0, still improving at the end)."""
+    rng = np.random.default_rng(0)
+    scattered = [(rng.uniform(0.0, 1.0, 2), 0.0) for _ in range(10)]
+    a_values = [-1.0] + [-0.95 + 0.01 * i for i in range(1, 12)]
+    a = [(np.array([0.8, 0.8]) + rng.normal(0, 0.01, 2), v) for v in a_values]
+    b = [(np.array([0.2, 0.2]) + rng.normal(0, 0.01, 2), -1.5 - 0.5 * i / 11) for i in range(12)]
+    points = scattered + a + b
+    complete = [({"x0": float(x[0]), "x1": float(x[1])}, v) for x, v in points]
+    return History(complete, [], set(), len(complete), 0), points
+
+
+def test_basins_are_the_crowded_clusters_the_incumbents_first_and_a_converged_old_one_is_tabu():
+    sampler = pe.tune.BayesSampler(patience=10)
+    history, points = _two_basin_history()
+    x = torch.tensor(np.stack([p for p, _ in points]), dtype=torch.float64)
+    y = robust_standardize(torch.tensor([v for _, v in points], dtype=torch.float64))
+    gp = fit_gp(x, y)
+    masks = sampler.basins(gp, len(points))
+    assert len(masks) == 2
+    inc = int(torch.argmin(y))
+    assert masks[0][inc] and not masks[1][inc]
+    assert not (masks[0] & masks[1]).any()
+    assert masks[1][10:22].all() and not masks[1][22:].any()  # A (and maybe scattered points near it)
+    assert masks[0][22:].all()  # B
+    span = float(y.max() - y.min())
+    assert sampler._converged(y[masks[1]], span)  # A's best came first: converged
+    assert not sampler._converged(y[masks[0]], span)  # B improved over its last points
+
+
+def test_a_basin_still_improving_is_not_converged_and_too_few_points_never_are():
+    sampler = pe.tune.BayesSampler(patience=4)
+    span = 1.0
+    assert sampler._converged(torch.tensor([-1.0, -0.5, -0.9, -0.8, -0.7, -0.95]), span)
+    assert not sampler._converged(torch.tensor([-1.0, -0.5, -0.9, -0.8, -1.2, -0.95]), span)
+    assert not sampler._converged(torch.tensor([-1.0, -0.5, -0.9, -0.8]), span)
+
+
+def test_the_model_of_a_step_sees_a_converged_tabu_basin_as_the_worst_region():
+    # A (converged, worse than the incumbent's B) is flattened to the worst value for every
+    # later step; the model then predicts the worst there, instead of A's own values.
+    sampler = pe.tune.BayesSampler(patience=10)
+    history, points = _two_basin_history()
+    x = torch.tensor(np.stack([p for p, _ in points]), dtype=torch.float64)
+    y = robust_standardize(torch.tensor([v for _, v in points], dtype=torch.float64))
+    gp = fit_gp(x, y)
+    tabu = sampler.basins(gp, len(points))[1]
+    flat = sampler._with_basins_flattened(gp, history, tabu, refit=False)
+    a = torch.tensor([[0.8, 0.8]], dtype=torch.float64)
+    raw_mean, flat_mean = float(gp.posterior(a)[0]), float(flat.posterior(a)[0])
+    assert raw_mean < float(y[10:22].max()) + 0.1
+    assert flat_mean > float(y.max()) - 0.05
+    b = torch.tensor([[0.2, 0.2]], dtype=torch.float64)
+    assert abs(float(flat.posterior(b)[0]) - float(gp.posterior(b)[0])) < 0.05  # B, where the search is, unchanged
