@@ -262,8 +262,19 @@ class Trainer:
         self.log.append(record)
         if self.early_stopping is not None and self.early_stopping.update(record, self.step, self.model):
             self.stop_training = True
-        for cb in self.callbacks:
-            cb.on_epoch_end(self, record)
+        try:
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, record)
+        except Exception as e:
+            from pyengine.tune.trial import TrialPruned  # here: pyengine.tune is not a dependency of training
+
+            # A trial pruned at the end of an epoch (the pruner pauses it; ASHA may promote it
+            # later) must keep that epoch: without this save the resumed trial repeated it.
+            # Other errors save nothing: a callback that failed half-way may have left the
+            # state in between, and a checkpoint of that would not resume exactly.
+            if isinstance(e, TrialPruned) and self._ckpt is not None:
+                self._ckpt.save(self.step, self._state()).wait()
+            raise
         if self._ckpt is not None:
             # Asynchronous: returns after the snapshot; the write overlaps the next epoch.
             handle = self._ckpt.save(self.step, self._state(), overlap=self.overlap_checkpoints)
