@@ -79,3 +79,32 @@ def test_asha_pauses_and_promotes_and_promoted_trials_never_repeat_steps(tmp_pat
     # Roughly 1/eta continue past each rung: the best trial overall got to the end.
     best_q = min(t.params["q"] for t in trials)
     assert next(t for t in trials if t.params["q"] == best_q).state == pe.tune.TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_asha_promotion_in_one_pass_decides_as_promotable_per_trial(sign):
+    # The study's claim asks pruner.promotion(trials); ASHA answers it from each rung sorted
+    # once. It must pick exactly the trial the per-trial rule (promotable) picks, ties included.
+    import random
+
+    from pyengine.tune.trial import FrozenTrial, TrialState
+
+    pruner = pe.tune.ASHAPruner(min_resource=1, reduction_factor=3, max_resource=27)
+    rng = random.Random(0)
+    picked = {"a trial": 0, "none": 0}
+    for case in range(300):
+        trials = []
+        for number in range(rng.randint(1, 25)):
+            last = rng.choice([1, 2, 3, 5, 9, 10, 27])
+            # Few distinct values, so ties at a rung are common.
+            intermediate = {s: float(rng.randint(0, 6)) for s in range(1, last + 1)}
+            state = rng.choice([TrialState.PAUSED, TrialState.PAUSED, TrialState.RUNNING, TrialState.COMPLETE,
+                                TrialState.PRUNED])
+            trials.append(FrozenTrial(id=number, number=number, state=state, params={}, value=None,
+                                      intermediate=intermediate))
+        expected = next((t for t in trials if t.state == TrialState.PAUSED and pruner.promotable(
+            t, [o for o in trials if o.number != t.number], sign)), None)
+        got = pruner.promotion(trials, sign)
+        assert (got.number if got else None) == (expected.number if expected else None), case
+        picked["a trial" if got else "none"] += 1
+    assert picked["a trial"] > 30 and picked["none"] > 30  # both outcomes were exercised

@@ -7,7 +7,9 @@ records in storage, which is what lets several processes share one study.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +28,17 @@ class Pruner:
     def promotable(self, trial: FrozenTrial, others: Sequence[FrozenTrial], sign: float) -> bool:
         """Whether a PAUSED trial should now resume."""
         return False
+
+    def promotion(self, trials: Sequence[FrozenTrial], sign: float) -> FrozenTrial | None:
+        """The first PAUSED trial of `trials` that `promotable` says should resume, or None.
+
+        The study asks this at every claim; a pruner may answer it in one pass over the
+        trials instead of one `promotable` call (itself a pass over the others) per paused trial.
+        """
+        for t in trials:
+            if t.state == TrialState.PAUSED and self.promotable(t, [o for o in trials if o.number != t.number], sign):
+                return t
+        return None
 
 
 class MedianPruner(Pruner):
@@ -121,3 +134,24 @@ class ASHAPruner(Pruner):
     def promotable(self, trial: FrozenTrial, others: Sequence[FrozenTrial], sign: float) -> bool:
         rungs = self._rung_values(trial)
         return bool(rungs) and self._in_top(trial, max(rungs), others, sign)
+
+    def promotion(self, trials: Sequence[FrozenTrial], sign: float) -> FrozenTrial | None:
+        # The same decisions as `promotable` per paused trial, from each trial's rung values
+        # computed once and each rung's values sorted once: O(n log n) per claim instead of
+        # O(paused x n x steps), which was most of an ASHA study's time at ~250 trials.
+        rung_values = [self._rung_values(t) for t in trials]
+        at_rung: dict[int, list[float]] = defaultdict(list)
+        for values in rung_values:
+            for k, v in values.items():
+                at_rung[k].append(sign * v)
+        for values in at_rung.values():
+            values.sort()
+        for t, values in zip(trials, rung_values):
+            if t.state != TrialState.PAUSED or not values:
+                continue
+            k = max(values)
+            everyone = at_rung[k]  # the trial's own value among them: n = peers + 1
+            better = bisect.bisect_left(everyone, sign * values[k])  # strictly better; ties favour the trial
+            if better < math.floor(len(everyone) / self.eta):
+                return t
+        return None

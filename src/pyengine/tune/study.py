@@ -401,11 +401,7 @@ class Study:
     def _promotable(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
         if self.pruner is None or not self.pruner.pauses:
             return None
-        for t in trials:
-            others = [o for o in trials if o.number != t.number]
-            if t.state == TrialState.PAUSED and self.pruner.promotable(t, others, self._sign):
-                return t
-        return None
+        return self.pruner.promotion(trials, self._sign)
 
     def _has_queued_work(self, snap: Snapshot) -> bool:
         """Whether the snapshot shows a trial to reap, resume or promote (then `_take_queued` runs)."""
