@@ -1,0 +1,8 @@
+"""pyengine inside other frameworks.
+
+Each integration is an optional extra (`pip install "pyengine[optuna]"`, ...) and a module of
+its own, imported by name (`from pyengine.integrations.optuna import PyEngineSampler`); the
+core never imports these libraries, and this package imports none of its modules.
+
+- `optuna`: `PyEngineSampler`, pyengine's Bayesian optimiser as an Optuna sampler.
+"""
