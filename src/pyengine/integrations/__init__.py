@@ -5,4 +5,6 @@ its own, imported by name (`from pyengine.integrations.optuna import PyEngineSam
 core never imports these libraries, and this package imports none of its modules.
 
 - `optuna`: `PyEngineSampler`, pyengine's Bayesian optimiser as an Optuna sampler.
+- `lightning`: `PyEngineCheckpointIO`, a Lightning CheckpointIO plugin that writes Lightning's
+  checkpoints as pyengine checkpoints (asynchronous, atomic, checksummed, never pickled).
 """
