@@ -59,6 +59,21 @@ def test_export_weights_writes_a_loadable_model_artifact(tmp_path):
         assert f.metadata()["step"] == "3"
 
 
+def test_export_weights_of_a_step_directory_named_otherwise_takes_the_step_from_the_manifest(tmp_path):
+    # Integrations name committed steps their own way (Lightning: epoch=0-step=7.ckpt,
+    # last.ckpt); the step came from the name "step-N" and such a directory failed to export.
+    import shutil
+
+    model, _ = _state()
+    with pe.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(7, {"model": model}).wait()
+    shutil.copytree(next((tmp_path / "ckpt").glob("step-*")), tmp_path / "last.ckpt")
+    out = pe.checkpoint.export_weights(tmp_path / "last.ckpt", tmp_path / "w.safetensors")
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["step"] == "7"
+    assert set(load_file(out)) == set(model.state_dict())
+
+
 def test_export_weights_of_a_missing_key_says_what_the_checkpoint_holds(tmp_path):
     model, _ = _state()
     with pe.Checkpointer(tmp_path / "ckpt") as ckpt:

@@ -23,7 +23,8 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
 
     Args:
         checkpoint: a checkpoint directory (DIR, whose newest committed step is used unless
-            `step` is given) or one committed step directory (DIR/step-N).
+            `step` is given) or one committed step directory (DIR/step-N, or any directory
+            holding a committed step's manifest, such as a Lightning `last.ckpt`).
         out_path: the .safetensors file to write; an existing file is replaced only once the
             new one is complete and durable.
         key: the name the module was saved under.
@@ -46,8 +47,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
     tensors = opened.read(tensor_names(opened.objects[key]))
     prefix = f"{key}/"
     weights = {name[len(prefix):]: t for name, t in tensors.items()}
-    step_number = int(step_path.name.removeprefix("step-"))
-    return _write_safetensors(weights, Path(out_path), {"source": str(step_path), "step": str(step_number)})
+    return _write_safetensors(weights, Path(out_path), {"source": str(step_path), "step": str(opened.step)})
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:

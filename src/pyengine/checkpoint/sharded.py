@@ -166,6 +166,7 @@ class ShardedStep:
         if not isinstance(state, dict) or not isinstance(state.get("objects"), dict):
             raise CheckpointError(f"{own.directory}/{MANIFEST} has no saved objects")
         self._own = own
+        self.step = own.step
         self.objects = {**doc["objects"], **state["objects"]}
         self.rng = state.get("rng")
 

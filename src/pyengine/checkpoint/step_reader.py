@@ -16,6 +16,7 @@ from pyengine.errors import CheckpointError
 
 
 class OpenStep(Protocol):
+    step: int  # from the manifest, not the directory's name (an integration may name it otherwise)
     objects: dict[str, Any]
     rng: Any
 
@@ -30,6 +31,7 @@ class PlainStep:
         state = manifest.state
         if not isinstance(state, dict) or not isinstance(state.get("objects"), dict):
             raise CheckpointError(f"{step_path / MANIFEST} has no saved objects")
+        self.step = manifest.step
         self.objects: dict[str, Any] = state["objects"]
         self.rng = state.get("rng")
         self.read = functools.partial(read_tensors, manifest, threads=threads)
