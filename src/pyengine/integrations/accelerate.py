@@ -87,7 +87,7 @@ class AcceleratorCheckpointer:
                                 "the one passed in is already configured")
             self.checkpointer, self._owns_checkpointer = checkpointer, False
         else:
-            self.checkpointer, self._owns_checkpointer = Checkpointer(checkpointer, **checkpointer_options), True
+            self.checkpointer, self._owns_checkpointer = Checkpointer(Path(checkpointer), **checkpointer_options), True
 
     @property
     def directory(self) -> Path:

@@ -143,8 +143,9 @@ def _names_without_tied_copies(live: Mapping[str, Any], module: torch.nn.Module)
     one that is not a declared tie target (transformers' {target: source}), else the first."""
     declared = getattr(module, "all_tied_weights_keys", None) or getattr(module, "_tied_weights_keys", None) or {}
     targets = set(declared)  # a dict's keys, or (transformers 4) a list of target names
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple[Any, ...], list[str]] = {}
     for name, t in live.items():
+        where: tuple[Any, ...]
         if isinstance(t, torch.Tensor) and t.numel() > 0:
             where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         else:
