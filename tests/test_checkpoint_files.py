@@ -57,6 +57,7 @@ def test_export_weights_writes_a_loadable_model_artifact(tmp_path):
         assert torch.equal(a, b)
     with safe_open(out, "pt") as f:
         assert f.metadata()["step"] == "3"
+        assert f.metadata()["format"] == "pt"  # from_pretrained refuses a file without it
 
 
 def test_export_weights_of_a_step_directory_named_otherwise_takes_the_step_from_the_manifest(tmp_path):

@@ -47,7 +47,9 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
     tensors = opened.read(tensor_names(opened.objects[key]))
     prefix = f"{key}/"
     weights = {name[len(prefix):]: t for name, t in tensors.items()}
-    return _write_safetensors(weights, Path(out_path), {"source": str(step_path), "step": str(opened.step)})
+    # "format": "pt" is what transformers' from_pretrained checks for in a safetensors file.
+    metadata = {"format": "pt", "source": str(step_path), "step": str(opened.step)}
+    return _write_safetensors(weights, Path(out_path), metadata)
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
