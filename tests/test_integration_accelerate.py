@@ -7,17 +7,12 @@ same weights and outputs; bad input is refused clearly and nothing saved is lost
 from __future__ import annotations
 
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from killed_worker_runs import assert_identical, killed_and_uninterrupted, write_regression_data
 
 import pyengine as pe
 
@@ -37,70 +32,15 @@ KILLS = 2
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 8)).astype(np.float32)
-    y = (x @ rng.standard_normal((8, 1)) + 0.1 * rng.standard_normal((128, 1))).astype(np.float32)
-    path = tmp_path_factory.mktemp("data") / "regression"
-    pe.data.write_dataset(path, {"x": x, "y": y})
-    return path
-
-
-def _worker(run_dir: Path, data: Path, pause: float = 0.0) -> list[str]:
-    return [sys.executable, str(WORKER), "--data", str(data), "--dir", str(run_dir), "--pause", str(pause)]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return write_regression_data(tmp_path_factory.mktemp("data") / "regression")
 
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     """An uninterrupted run (beside the others: each start imports Accelerate), and one
     SIGKILLed KILLS times and restarted until it finishes."""
-    base = tmp_path_factory.mktemp("accelerate-runs")
-    with open(base / "stderr.log", "w") as log:  # a file, not a pipe: warnings must never block a child
-        reference = subprocess.Popen(_worker(base / "reference", data), env=_env(), stdout=subprocess.DEVNULL,
-                                     stderr=log, cwd=base)
-        killed = base / "killed"
-        rng = random.Random("accelerate-kills")
-        resumed_from = []
-        for _ in range(KILLS):
-            child = subprocess.Popen(_worker(killed, data, pause=0.03), env=_env(), stdout=subprocess.PIPE,
-                                     stderr=log, text=True, cwd=base)
-            line = ""
-            while not line.startswith("resumed from step"):
-                line = child.stdout.readline()
-                assert line, f"the run ended before training started; see {base / 'stderr.log'}"
-            resumed_from.append(int(line.split()[-1]))
-            # A random number of steps, then a random part of the next one: the kill may land in a
-            # step, in a snapshot or while a save persists.
-            for _ in range(rng.randint(4, 6)):
-                assert child.stdout.readline().startswith("step ")
-            time.sleep(rng.uniform(0.0, 0.03))
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait()
-            child.stdout.close()
-            assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-        final = subprocess.run(_worker(killed, data), env=_env(), capture_output=True, text=True, timeout=120, cwd=base)
-        assert final.returncode == 0, final.stderr[-4000:]
-        resumed_from.append(int(final.stdout.split("resumed from step")[1].split()[0]))
-        assert reference.wait(timeout=120) == 0, f"the uninterrupted run failed; see {base / 'stderr.log'}"
-    return SimpleNamespace(reference=base / "reference", killed=killed, resumed_from=resumed_from)
-
-
-def _assert_identical(got, want, where="state"):
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for k in want:
-            _assert_identical(got[k], want[k], f"{where}[{k!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert type(got) is type(want) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            _assert_identical(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, where
+    return killed_and_uninterrupted(WORKER, data, tmp_path_factory.mktemp("accelerate-runs"), kills=KILLS,
+                                    seed="accelerate-kills", steps_before_kill=(4, 6), timeout=120)
 
 
 def _final(run_dir: Path) -> dict:
@@ -113,7 +53,7 @@ def _final(run_dir: Path) -> dict:
 def test_sigkilled_loop_resumed_from_the_newest_checkpoint_ends_bit_identical(runs):
     reference, resumed = _final(runs.reference), _final(runs.killed)
     assert set(reference) == {"model", "optimizer", "scheduler", "custom_checkpoint_0", "accelerator"}
-    _assert_identical(resumed, reference)
+    assert_identical(resumed, reference)
     assert reference["custom_checkpoint_0"]["epoch"] == 4 and reference["custom_checkpoint_0"]["batch"] == 0
     # The kills interrupted training part way and the runs resumed from later steps, mid-epoch
     # (saves every 3 optimizer steps, 4 to an epoch), where only the loader's state says which
@@ -180,8 +120,8 @@ def gpt2_runs(tmp_path_factory):
 
 def test_a_restored_gpt2_ends_bit_identical(gpt2_runs):
     straight, resumed = gpt2_runs.straight, gpt2_runs.resumed
-    _assert_identical(resumed[1].state_dict(), straight[1].state_dict(), "model")
-    _assert_identical(resumed[2].optimizer.state_dict(), straight[2].optimizer.state_dict(), "optimizer")
+    assert_identical(resumed[1].state_dict(), straight[1].state_dict(), "model")
+    assert_identical(resumed[2].optimizer.state_dict(), straight[2].optimizer.state_dict(), "optimizer")
     assert resumed[3].get_last_lr() == straight[3].get_last_lr()
 
 
@@ -198,7 +138,7 @@ def test_from_pretrained_loads_the_export_with_the_tied_weights(gpt2_runs):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded) is transformers.GPT2LMHeadModel
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again on load
-    _assert_identical(loaded.state_dict(), trained.state_dict(), "from_pretrained")
+    assert_identical(loaded.state_dict(), trained.state_dict(), "from_pretrained")
     trained.eval()
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
@@ -245,7 +185,7 @@ def test_bad_input_is_refused_clearly_and_nothing_saved_is_lost(gpt2_runs, tmp_p
     left = sorted(set(os.listdir(directory)) - {".pyengine-writer.lock"})
     assert left == ["step-00000006"]  # no step 7, no temporary directory
     with pe.Checkpointer(directory) as reader:
-        _assert_identical(reader.load(), before)
+        assert_identical(reader.load(), before)
 
 
 def test_a_save_inside_a_gradient_accumulation_cycle_is_refused(tmp_path):

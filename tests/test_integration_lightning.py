@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
-import random
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from killed_worker_runs import assert_identical, killed_and_uninterrupted, write_regression_data
 
 import pyengine as pe
 
@@ -41,20 +36,7 @@ KILLS = 3
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 8)).astype(np.float32)
-    y = (x @ rng.standard_normal((8, 1)) + 0.1 * rng.standard_normal((128, 1))).astype(np.float32)
-    path = tmp_path_factory.mktemp("data") / "regression"
-    pe.data.write_dataset(path, {"x": x, "y": y})
-    return path
-
-
-def _worker(run_dir: Path, data: Path, pause: float = 0.0) -> list[str]:
-    return [sys.executable, str(WORKER), "--data", str(data), "--dir", str(run_dir), "--pause", str(pause)]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return write_regression_data(tmp_path_factory.mktemp("data") / "regression")
 
 
 @pytest.fixture(scope="module")
@@ -62,51 +44,8 @@ def runs(data, tmp_path_factory):
     """An uninterrupted run, and one SIGKILLed KILLS times and resumed with ckpt_path="last"
     until it finishes. The uninterrupted one runs beside the killed ones (each start imports
     Lightning, which takes seconds)."""
-    base = tmp_path_factory.mktemp("lightning-runs")
-    # stderr goes to a file, not a pipe: Lightning's warnings must never block a child.
-    with open(base / "stderr.log", "w") as log:
-        reference = subprocess.Popen(_worker(base / "reference", data), env=_env(), stdout=subprocess.DEVNULL,
-                                     stderr=log, cwd=base)
-        killed = base / "killed"
-        rng = random.Random("lightning-kills")
-        resumed_from = []
-        for _ in range(KILLS):
-            child = subprocess.Popen(_worker(killed, data, pause=0.03), env=_env(), stdout=subprocess.PIPE, stderr=log,
-                                     text=True, cwd=base)
-            line = ""
-            while not line.startswith("resumed from step"):
-                line = child.stdout.readline()
-                assert line, f"the run ended before training started; see {base / 'stderr.log'}"
-            resumed_from.append(int(line.split()[-1]))
-            # A random number of steps, then a random part of the next one: the kill may land in a
-            # step, in a snapshot or while a save persists.
-            for _ in range(rng.randint(4, 7)):
-                assert child.stdout.readline().startswith("step ")
-            time.sleep(rng.uniform(0.0, 0.03))
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait()
-            child.stdout.close()
-            assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-        final = subprocess.run(_worker(killed, data), env=_env(), capture_output=True, text=True, timeout=300, cwd=base)
-        assert final.returncode == 0, final.stderr[-4000:]
-        resumed_from.append(int(final.stdout.split("resumed from step")[1].split()[0]))
-        assert reference.wait(timeout=300) == 0, f"the uninterrupted run failed; see {base / 'stderr.log'}"
-    return SimpleNamespace(reference=base / "reference", killed=killed, resumed_from=resumed_from)
-
-
-def _assert_identical(got, want, where="checkpoint"):
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for k in want:
-            _assert_identical(got[k], want[k], f"{where}[{k!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert type(got) is type(want) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            _assert_identical(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, where
+    return killed_and_uninterrupted(WORKER, data, tmp_path_factory.mktemp("lightning-runs"), kills=KILLS,
+                                    seed="lightning-kills", steps_before_kill=(4, 7), timeout=300)
 
 
 def _load(path: Path) -> dict:
@@ -118,7 +57,7 @@ def test_sigkilled_run_resumed_from_last_ends_bit_identical(runs):
     reference, resumed = _load(runs.reference / "final.ckpt"), _load(runs.killed / "final.ckpt")
     assert resumed["global_step"] == reference["global_step"] == STEPS
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops"):
-        _assert_identical(resumed[key], reference[key], key)
+        assert_identical(resumed[key], reference[key], key)
     # The kills interrupted training part way, and the runs resumed from later steps, mid-epoch
     # (checkpoints every 3 steps, epochs of 8 batches), where only the loader's state can say
     # which batch comes next.
@@ -204,7 +143,7 @@ def test_a_value_that_cannot_be_stored_is_refused_by_its_key_and_nothing_saved_i
     after = _snapshot(directory)  # the same names (no temp dirs either), the same contents
     assert after.keys() == before.keys()
     for name in before:
-        _assert_identical(after[name], before[name], name)
+        assert_identical(after[name], before[name], name)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -217,7 +156,7 @@ def test_save_last_link_resumes_from_last_bit_identical(data, tmp_path):
     resumed = _fit(Regressor, data, directory, max_steps=12, save_last="link", ckpt_path="last")
     assert os.readlink(link) == "epoch=1-step=12.ckpt"  # Lightning moved the link; the target is ours
     assert sorted(os.listdir(directory)) == ["epoch=1-step=12.ckpt", "last.ckpt"]
-    _assert_identical(resumed.lightning_module.state_dict(), straight.lightning_module.state_dict())
+    assert_identical(resumed.lightning_module.state_dict(), straight.lightning_module.state_dict())
 
 
 def _checkpoint(step: int) -> dict:
@@ -241,7 +180,7 @@ def test_round_trip_and_atomic_replacement(tmp_path, monkeypatch, exchange):
     array, scalar = loaded["extra"].pop("array"), loaded["extra"].pop("scalar")
     np.testing.assert_array_equal(array, want["extra"].pop("array"))
     assert type(scalar) is np.float32 and scalar == want["extra"].pop("scalar")
-    _assert_identical(loaded, want)
+    assert_identical(loaded, want)
     assert os.listdir(tmp_path) == ["last.ckpt"]  # the old one is gone, no temp dir left
 
 
