@@ -72,6 +72,25 @@ def test_the_sampler_rejects_bad_options():
         pe.tune.BayesSampler(deterministic="yes")
     with pytest.raises(ValueError, match="n_hyper_samples"):
         pe.tune.BayesSampler(n_hyper_samples=-1)
+    with pytest.raises(ValueError, match="prior_mean='optimistic' must be one of"):
+        pe.tune.BayesSampler(prior_mean="optimistic")
+
+
+def test_the_prior_mean_is_what_the_model_predicts_far_from_the_data():
+    # A point many lengthscales from every observation: the posterior there reverts to the
+    # prior mean, the worst target or zero.
+    x, y = _smooth_data()
+    worst, zero = fit_gp(x, y), fit_gp(x, y, prior_mean="zero")
+    far = torch.tensor([[20.0, 20.0]], dtype=torch.float64)
+    assert float(worst.posterior(far)[0]) == pytest.approx(float(y.max()), abs=1e-3)
+    assert float(zero.posterior(far)[0]) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="prior_mean"):
+        fit_gp(x, y, prior_mean="best")
+    space = Space({"a": pe.tune.Uniform(0.0, 1.0), "b": pe.tune.Uniform(0.0, 1.0)})
+    complete = [(space.decode(p.numpy()), float(v)) for p, v in zip(x, y)]
+    history = History(complete, [], {space.key(p) for p, _ in complete}, len(complete), 0)
+    sampler = pe.tune.BayesSampler(prior_mean="zero")
+    assert sampler.fit(space, history, torch.Generator().manual_seed(0))[0].mean == 0.0
 
 
 def test_integer_moves_reach_the_best_grid_value_far_from_the_start():

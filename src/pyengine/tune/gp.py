@@ -26,6 +26,7 @@ NOISE_FLOOR = 1e-8
 _JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)
 _LOG_BOUND = 12.0  # |log| bound on lengthscale and scale parameters: keeps exp() finite
 _LOG_NOISE_MIN = -40.0  # the fitted noise excess may vanish; its log is only kept finite
+PRIOR_MEANS = ("worst", "zero")
 
 
 class GPFitError(RuntimeError):
@@ -160,7 +161,7 @@ def fit_gp(
     warm_start: KernelParams | None = None,
     *,
     deterministic: bool = False,
-    pessimistic_mean: bool = True,
+    prior_mean: str = "worst",
 ) -> GaussianProcess:
     """Fit kernel hyperparameters by maximising the marginal likelihood plus log priors.
 
@@ -176,13 +177,15 @@ def fit_gp(
         y: (n,) float64 standardised targets.
         warm_start: the hyperparameters of the previous fit, if any.
         deterministic: the objective has no noise: fix the noise variance at NOISE_FLOOR.
-        pessimistic_mean: use the largest target as the constant prior mean (else 0).
+        prior_mean: the constant prior mean, "worst" (the largest target) or "zero".
 
     Returns:
         The posterior under the best hyperparameters found.
     """
     x, y = x.to(torch.float64), y.to(torch.float64)  # float32 Cholesky fails on clustered points
-    mean = float(y.max()) if pessimistic_mean and len(y) else 0.0
+    if prior_mean not in PRIOR_MEANS:
+        raise ValueError(f"fit_gp: prior_mean={prior_mean!r} must be one of {PRIOR_MEANS}")
+    mean = float(y.max()) if prior_mean == "worst" and len(y) else 0.0
     starts = [KernelParams.default(x.shape[-1])]
     if warm_start is not None and warm_start.log_inv_sq_ls.shape == starts[0].log_inv_sq_ls.shape:
         starts.insert(0, warm_start)

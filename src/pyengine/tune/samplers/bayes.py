@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pyengine.tune import acquisition
-from pyengine.tune.gp import GaussianProcess, GPFitError, KernelParams, fit_gp, sample_hyperparameters
+from pyengine.tune.gp import PRIOR_MEANS, GaussianProcess, GPFitError, KernelParams, fit_gp, sample_hyperparameters
 from pyengine.tune.output_transform import robust_standardize
 from pyengine.tune.samplers.base import History, Sampler, random_unseen, trial_rng
 from pyengine.tune.space import Choice, IntUniform, Space
@@ -63,6 +63,15 @@ class BayesSampler(Sampler):
             on Hartmann6 here and double the cost of a suggestion).
         patience: trials without progress that count as a stall (0: never leave a basin).
         stall_tolerance: progress below this fraction of the observed value range is none.
+        prior_mean: the GP's constant prior mean. "worst" (the default) makes the unexplored
+            faces and corners of the cube look as bad as the worst trial; "zero" makes them
+            look average (Optuna's choice). Pick "zero" when good settings are likely at the
+            bounds of the ranges, as in many training-run searches. On LCBench the best
+            configurations found on 6 tasks had 4 to 7 of their 7 coordinates at a bound,
+            and over 10 tasks x 3 seeds (50 evaluations) prior_mean="zero" with patience=0
+            ended 0.14 error points below Optuna's GPSampler on average where the defaults
+            ended 0.27 above; on Hartmann6, whose optimum is inside the cube, "zero" solved
+            11/20 seeds against the default's 17/20.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class BayesSampler(Sampler):
         n_hyper_samples: int = 0,
         patience: int = 10,
         stall_tolerance: float = 1e-4,
+        prior_mean: str = "worst",
     ) -> None:
         for name, v in (
             ("n_startup_trials", n_startup_trials),
@@ -89,11 +99,14 @@ class BayesSampler(Sampler):
             raise ValueError(f"BayesSampler: patience={patience!r} must be an int >= 0 (0: never escape)")
         if not (isinstance(stall_tolerance, (int, float)) and stall_tolerance >= 0):
             raise ValueError(f"BayesSampler: stall_tolerance={stall_tolerance!r} must be a number >= 0")
+        if prior_mean not in PRIOR_MEANS:
+            raise ValueError(f"BayesSampler: prior_mean={prior_mean!r} must be one of {PRIOR_MEANS}")
         if not isinstance(deterministic, bool):
             raise ValueError(f"BayesSampler: deterministic={deterministic!r} must be True or False")
         self.n_startup_trials, self.n_raw_samples, self.n_restarts = n_startup_trials, n_raw_samples, n_restarts
         self.deterministic, self.n_hyper_samples = deterministic, n_hyper_samples
         self.patience, self.stall_tolerance = patience, stall_tolerance
+        self.prior_mean = prior_mean
         self._lock = threading.Lock()
         self._warm: KernelParams | None = None
 
@@ -132,7 +145,7 @@ class BayesSampler(Sampler):
         y = robust_standardize(torch.tensor([v for _, v in history.complete], dtype=torch.float64))
         with self._lock:
             warm = self._warm
-        gp = fit_gp(x, y, warm, deterministic=self.deterministic)
+        gp = fit_gp(x, y, warm, deterministic=self.deterministic, prior_mean=self.prior_mean)
         with self._lock:
             self._warm = gp.params
         gps = [gp] + sample_hyperparameters(gp, self.n_hyper_samples, generator)
@@ -199,9 +212,10 @@ class BayesSampler(Sampler):
         x, y = gp.x[:n], gp.y[:n]
         flattened = torch.where(flat, y.max(), y)
         if refit:
-            model = fit_gp(x, flattened, deterministic=self.deterministic)
+            model = fit_gp(x, flattened, deterministic=self.deterministic, prior_mean=self.prior_mean)
         else:
-            model = GaussianProcess(x, flattened, gp.params, float(flattened.max()), self.deterministic)
+            mean = float(flattened.max()) if self.prior_mean == "worst" else 0.0
+            model = GaussianProcess(x, flattened, gp.params, mean, self.deterministic)
         if len(gp.x) > n:  # pending trials, which `gp` is conditioned on: the same lie, under this model
             xp = gp.x[n:]
             model = model.condition(xp, torch.full((len(xp),), float(flattened.min()), dtype=torch.float64))
