@@ -14,6 +14,7 @@ from typing import Any
 
 from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint.coordinator import coordinator_for_this_process
+from pyengine.checkpoint.object_storage import ObjectStorage, is_object_url
 from pyengine.checkpoint.overlap import OverlapGuard
 from pyengine.checkpoint.policies import PolicyFeed, SavePolicy
 from pyengine.checkpoint.restorer import CheckpointFallbackWarning, load_agreed
@@ -21,6 +22,7 @@ from pyengine.checkpoint.rng import restore_rng_state
 from pyengine.checkpoint.save_engine import CheckpointPruneWarning, SaveEngine, SaveHandle
 from pyengine.checkpoint.stateful import load_object
 from pyengine.checkpoint.storage import FileSystemStorage
+from pyengine.checkpoint.writer_lease import WriterLease
 from pyengine.errors import CheckpointError
 
 __all__ = ["CheckpointFallbackWarning", "CheckpointPruneWarning", "Checkpointer", "SaveHandle"]
@@ -35,7 +37,9 @@ class Checkpointer:
     process) writes a directory at a time; others may read it.
 
     Args:
-        directory: where step-N/ checkpoint directories live; created if missing.
+        directory: where step-N/ checkpoint directories live; created if missing. Or an
+            object-store URL, "s3://bucket/prefix" (see object_storage.py; needs
+            `pip install "pyengine[s3]"`).
         keep_last: committed checkpoints to keep (older ones are pruned after each new
             commit); 0 keeps all.
         policy: when maybe_save() saves (a pyengine.checkpoint.SavePolicy, e.g.
@@ -51,12 +55,16 @@ class Checkpointer:
             training), they then run in the gaps rather than preempting a training thread; they
             still finish, at the latest while the next save() waits for them (max_in_flight).
             0 keeps the training process's priority.
+        storage_options: for an s3:// URL only: endpoint_url, region_name, credentials, transfer
+            sizes, retries, lease and spool settings (pyengine.checkpoint.object_store.S3Options).
+            Credentials left out come from the environment or the AWS config, as for boto3.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 3, *, policy: SavePolicy | None = None,
                  max_shards: int = 4, copy_threads: int = 2,
                  read_threads: int = 4, max_in_flight: int = 1, staging_cap_bytes: int = 0,
-                 capture_rng: bool = True, background_nice: int = 10) -> None:
+                 capture_rng: bool = True, background_nice: int = 10,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         for name, value, low in (("keep_last", keep_last, 0), ("max_shards", max_shards, 1),
                                  ("copy_threads", copy_threads, 1), ("read_threads", read_threads, 1),
                                  ("max_in_flight", max_in_flight, 1), ("staging_cap_bytes", staging_cap_bytes, 0),
@@ -67,15 +75,26 @@ class Checkpointer:
             raise ValueError(f"background_nice must be in 0..19 (a nice increment), got {background_nice}")
         self.policy = policy
         self._policy_feed = PolicyFeed(policy) if policy is not None else None  # refuses a bad policy first
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise NotADirectoryError(f"checkpoint directory {self.directory} exists and is not a directory")
+        self.directory: str | Path
+        self._storage: FileSystemStorage | ObjectStorage
+        self._lock: ckdir.WriterLock | WriterLease
+        if is_object_url(directory):
+            self._storage = ObjectStorage(str(directory), storage_options)
+            self.directory = self._storage.root
+            self._lock = self._storage.writer_lease()
+        else:
+            if storage_options is not None:
+                raise ValueError("storage_options applies to object-store URLs (s3://bucket/prefix); a local "
+                                 f"directory ({directory}) takes none")
+            self.directory = Path(directory)
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(f"checkpoint directory {self.directory} exists and is not a directory")
+            self._storage = FileSystemStorage(self.directory)
+            self._lock = ckdir.WriterLock(self.directory)
         self.keep_last = int(keep_last)
         self.capture_rng = capture_rng
         self._read_threads = read_threads
-        self._storage = FileSystemStorage(self.directory)
         self._coordinator = coordinator_for_this_process()  # a collective in a world of many ranks
-        self._lock = ckdir.WriterLock(self.directory)
         # Only rank 0 (the only rank in a world of one) owns DIR: it holds the lock, cleans up
         # and commits. Whether it may write is agreed, so every rank refuses saves alike.
         refusal = self._take_directory() if self._coordinator.rank == 0 else None
@@ -95,7 +114,7 @@ class Checkpointer:
         may not write DIR (it may still read it), or None."""
         try:
             self._storage.create()
-            if not os.access(self.directory, os.W_OK | os.X_OK):
+            if isinstance(self.directory, Path) and not os.access(self.directory, os.W_OK | os.X_OK):
                 return f"{self.directory} is read-only for this process"
             if not self._lock.try_acquire():
                 return _LOCKED
@@ -276,6 +295,8 @@ class Checkpointer:
             self._closed = True
             self._guard.close()
             self._lock.release()
+            if isinstance(self._storage, ObjectStorage):
+                self._storage.close()
             _open_checkpointers.discard(self)
 
     def __del__(self) -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyengine.checkpoint import partitioned
 from pyengine.checkpoint.state_codec import decode, tensor_names
 from pyengine.checkpoint.stateful import check_loadable
 from pyengine.checkpoint.storage import FileSystemStorage
 from pyengine.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from pyengine.checkpoint.object_storage import ObjectStorage
 
 
 class CheckpointFallbackWarning(UserWarning):
@@ -43,7 +46,7 @@ _REFUSALS: dict[str, type[BaseException]] = {
 }
 
 
-def load_agreed(storage: FileSystemStorage, coordinator: Any, step: int | None,
+def load_agreed(storage: FileSystemStorage | ObjectStorage, coordinator: Any, step: int | None,
                 objects: Mapping[str, Any] | None, *, threads: int,
                 may_quarantine: bool) -> tuple[int, dict[str, Any], Any] | None:
     """Finds the step every rank can load and returns (step, values, rng tree) on every rank.
@@ -111,7 +114,7 @@ def _localizers(objects: Mapping[str, Any]) -> dict[str, Callable[[Any], Any]]:
             for key, (kind, p, opt) in stages.items()}
 
 
-def _load_step(storage: FileSystemStorage, step: int, rank: int, keys: Iterable[str] | None,
+def _load_step(storage: FileSystemStorage | ObjectStorage, step: int, rank: int, keys: Iterable[str] | None,
                localizers: Mapping[str, Callable[[Any], Any]], threads: int) -> tuple[dict[str, Any], Any]:
     opened = storage.open_step(step, rank, threads)
     objects = opened.objects

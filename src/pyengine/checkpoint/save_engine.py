@@ -27,7 +27,7 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from pyengine.checkpoint.sharded import build_manifest
 from pyengine.checkpoint.state_codec import NamedTensor, writer_source
 from pyengine.checkpoint.storage import FileSystemStorage
 from pyengine.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from pyengine.checkpoint.object_storage import ObjectPath, ObjectStorage
 
 _POLL_SECONDS = 0.1  # waits wake this often, so Ctrl-C is seen at once
 
@@ -50,7 +53,7 @@ class SaveHandle:
     """One save in flight. `wait()` returns once it is committed and durable on every rank
     (or raises its error, the same on every rank)."""
 
-    def __init__(self, step: int, path: Path, started: float) -> None:
+    def __init__(self, step: int, path: Path | ObjectPath, started: float) -> None:
         self.step = step
         self.path = path
         self.stall_seconds = 0.0
@@ -128,8 +131,8 @@ class SaveEngine:
     """Saves of one Checkpointer on one rank. The training thread calls save(), reserve(),
     wait() and close(); one commit thread finishes the saves in order."""
 
-    def __init__(self, storage: FileSystemStorage, coordinator: Any, *, keep_last: int, max_in_flight: int,
-                 writer_options: Mapping[str, Any]) -> None:
+    def __init__(self, storage: FileSystemStorage | ObjectStorage, coordinator: Any, *, keep_last: int,
+                 max_in_flight: int, writer_options: Mapping[str, Any]) -> None:
         self.storage = storage
         self.coordinator = coordinator
         self.keep_last = keep_last

@@ -1,5 +1,7 @@
 """`pyengine inspect DIR`: list checkpoints with step, size and time, verify every
-checksum, and say which one restore() would use."""
+checksum, and say which one restore() would use. DIR may be s3://bucket/prefix (credentials
+from the environment or the AWS config, as for boto3; the server from --endpoint-url or
+AWS_ENDPOINT_URL_S3)."""
 
 from __future__ import annotations
 
@@ -7,18 +9,27 @@ import argparse
 import datetime as dt
 
 from pyengine.checkpoint.inspection import inspect_directory, restore_candidate
+from pyengine.checkpoint.object_storage import is_object_url
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("inspect", help="list and verify the checkpoints in a directory")
-    p.add_argument("directory", help="a Checkpointer directory")
+    p.add_argument("directory", help="a Checkpointer directory, or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None,
+                   help="for s3:// only: an S3-compatible server, e.g. http://127.0.0.1:8333")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    options = None
+    if args.endpoint_url is not None:
+        if not is_object_url(args.directory):
+            print("pyengine inspect: --endpoint-url applies to s3:// URLs only")
+            return 2
+        options = {"endpoint_url": args.endpoint_url}
     try:
-        infos = inspect_directory(args.directory)
-    except FileNotFoundError as e:
+        infos = inspect_directory(args.directory, storage_options=options)
+    except (FileNotFoundError, PermissionError, ConnectionError, ImportError) as e:
         print(f"pyengine inspect: {e}")
         return 2
     if not infos:
