@@ -6,6 +6,9 @@
 
 When to save: `Checkpointer(dir, policy=OverheadBudget(0.01))` and `ckpt.maybe_save(step, state)`
 each step (also Every(steps=N), Every(seconds=T), YoungDaly(mtbf_seconds)).
+
+Preemption: `with PreemptionGuard(ckpt, state) as guard:` and `guard.stop_requested(step)` each
+step: on SIGTERM / SIGUSR1 a final checkpoint is saved and the process exits with status 0.
 """
 
 from pyengine.checkpoint.checkpointer import Checkpointer, CheckpointFallbackWarning, CheckpointPruneWarning, SaveHandle
@@ -20,6 +23,7 @@ from pyengine.checkpoint.policies import (
     daly_interval,
     young_interval,
 )
+from pyengine.checkpoint.preemption import PreemptionGuard
 
 __all__ = [
     "CheckpointFallbackWarning",
@@ -29,6 +33,7 @@ __all__ = [
     "Every",
     "OverheadBudget",
     "PolicyFeed",
+    "PreemptionGuard",
     "SaveHandle",
     "SavePolicy",
     "YoungDaly",
