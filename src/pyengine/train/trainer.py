@@ -6,11 +6,13 @@
 Each virtual epoch ends with evaluation, early stopping, callbacks and an asynchronous
 checkpoint of the full state (model, optimizer, scheduler, scaler, loader position, RNG,
 step, early-stopping state, history). `fit(resume=True)` continues bit for bit from the
-newest checkpoint that verifies.
+newest checkpoint that verifies. With `on_preemption="save"`, SIGTERM / SIGUSR1 ends the step in
+progress, saves it (mid-epoch) and exits with status 0; the restarted fit() continues from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -22,8 +24,9 @@ from typing import Any, Callable
 import torch
 
 from pyengine import distributed
-from pyengine.checkpoint import Checkpointer
+from pyengine.checkpoint import Checkpointer, PreemptionGuard
 from pyengine.checkpoint.dtensors import module_state_like
+from pyengine.checkpoint.preemption import DEFAULT_SIGNALS, check_grace, check_signals
 from pyengine.train.callbacks import Callback
 from pyengine.train.early_stopping import EarlyStopping
 from pyengine.train.metrics_log import MetricsLog
@@ -32,6 +35,7 @@ from pyengine.train.strategy_loaders import check_loaders
 from pyengine.train.virtual_epochs import VirtualEpochs
 
 _ON_NONFINITE = ("raise", "skip", "rollback")
+_ON_PREEMPTION = (None, "save")
 
 
 class _Progress:
@@ -42,14 +46,22 @@ class _Progress:
         self.history: list[dict[str, Any]] = []
         self.skipped_steps = 0
         self.rollbacks = 0
+        # The running train loss of the epoch in progress: a checkpoint taken mid-epoch (at a
+        # preemption) must carry it, or the resumed epoch's train_loss would cover only its end.
+        self.epoch_loss_sum = 0.0
+        self.epoch_loss_count = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "history": self.history, "skipped_steps": self.skipped_steps,
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks, "epoch_loss_sum": self.epoch_loss_sum,
+                "epoch_loss_count": self.epoch_loss_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.history = int(state["step"]), list(state["history"])
         self.skipped_steps, self.rollbacks = int(state["skipped_steps"]), int(state["rollbacks"])
+        # Checkpoints from before mid-epoch saves were taken at epoch ends, where the sum is 0.
+        self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
+        self.epoch_loss_count = int(state.get("epoch_loss_count", 0))
 
 
 class _Rollback(Exception):
@@ -81,6 +93,16 @@ class Trainer:
         keep_last: checkpoints to keep.
         overlap_checkpoints: copy parameters and optimizer state during the next step
             (CheckFreq-style) instead of before save() returns.
+        on_preemption: None: signals keep their usual effect. "save": on one of
+            `preemption_signals` (default SIGTERM and SIGUSR1; on any rank) the step in progress
+            finishes, the saves in flight complete, a checkpoint of that step (mid-epoch too) is
+            saved and made durable, and fit() raises SystemExit(0) (on_fit_end callbacks and
+            early stopping's best weights are skipped: the run is not over); fit(resume=True)
+            then continues from it bit for bit, history included. Under torchrun every rank
+            stops at the same step. If the checkpoint cannot be durable within
+            `preemption_grace_seconds` of the signal, the process exits with status 75 and a
+            restart resumes from the newest earlier checkpoint (pe.checkpoint.PreemptionGuard,
+            which this uses, explains why). Call fit() in the main thread then.
         progress: show a tqdm progress bar with loss and throughput.
         unfreezer: a pe.transfer.GradualUnfreezer; its on_epoch_start runs before each
             virtual epoch's first step, and it is restored before the optimizer on resume.
@@ -116,9 +138,16 @@ class Trainer:
                  early_stopping: EarlyStopping | None = None, on_nonfinite: str = "raise",
                  nonfinite_lr_factor: float = 0.5, max_rollbacks: int = 3, keep_last: int = 3,
                  overlap_checkpoints: bool = True, progress: bool = True, unfreezer: Any = None,
-                 strategy: Any = None) -> None:
+                 strategy: Any = None, on_preemption: str | None = None,
+                 preemption_signals: Iterable[int] = DEFAULT_SIGNALS, preemption_grace_seconds: float = 30.0) -> None:
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+        if on_preemption not in _ON_PREEMPTION:
+            raise ValueError(f"on_preemption must be one of {_ON_PREEMPTION}, got {on_preemption!r}")
+        if on_preemption == "save" and checkpoint_dir is None:
+            raise ValueError("on_preemption='save' needs a checkpoint_dir to save the final checkpoint to")
+        self.preemption_signals = check_signals(preemption_signals)
+        self.preemption_grace_seconds = check_grace(preemption_grace_seconds)
         if on_nonfinite == "rollback" and checkpoint_dir is None:
             raise ValueError("on_nonfinite='rollback' needs a checkpoint_dir to roll back to")
         if grad_clip is not None and not grad_clip > 0:
@@ -139,6 +168,7 @@ class Trainer:
         self.early_stopping = early_stopping
         self.unfreezer = unfreezer
         self.on_nonfinite = on_nonfinite
+        self.on_preemption = on_preemption
         self.nonfinite_lr_factor, self.max_rollbacks = nonfinite_lr_factor, max_rollbacks
         self.keep_last, self.overlap_checkpoints, self.progress = keep_last, overlap_checkpoints, progress
         self.log = MetricsLog(log_dir)
@@ -148,6 +178,7 @@ class Trainer:
         self.checkpoint_stalls: list[float] = []  # seconds each save paused training (this process only)
         self._progress = _Progress()
         self._ckpt: Checkpointer | None = None
+        self._preemption: PreemptionGuard | None = None
 
     @property
     def step(self) -> int:
@@ -170,24 +201,32 @@ class Trainer:
             raise TypeError(f"schedule must be a pe.VirtualEpochs, got {type(schedule).__name__}")
         self.stop_training = False
         self._ckpt = Checkpointer(self.checkpoint_dir, keep_last=self.keep_last) if self.checkpoint_dir else None
+        self._preemption = None
         try:
-            if self._ckpt is not None and resume:
-                self._restore_newest()
-            self.log.rewrite(self.history)
-            for cb in self.callbacks:
-                cb.on_fit_start(self)
-            while True:
-                try:
-                    self._run(schedule)
-                    break
-                except _Rollback:
-                    self.log.rewrite(self.history)
-            if self._ckpt is not None:
-                self._ckpt.wait()  # the last checkpoint is durable before fit returns
+            if self._ckpt is not None and self.on_preemption == "save":
+                # The state is a function: a DDP model re-wrapped after unfreezing is saved as it is then.
+                self._preemption = PreemptionGuard(self._ckpt, self._state, signals=self.preemption_signals,
+                                                   grace_seconds=self.preemption_grace_seconds, exit_on_stop=False)
+            with self._preemption or contextlib.nullcontext():
+                if self._ckpt is not None and resume:
+                    self._restore_newest()
+                self.log.rewrite(self.history)
+                for cb in self.callbacks:
+                    cb.on_fit_start(self)
+                while True:
+                    try:
+                        self._run(schedule)
+                        break
+                    except _Rollback:
+                        self.log.rewrite(self.history)
+                if self._ckpt is not None:
+                    self._ckpt.wait()  # the last checkpoint is durable before fit returns
         finally:
             if self._ckpt is not None:
                 self._ckpt.close()
             self.log.close()
+        if self._preemption is not None and self._preemption.stopped:
+            raise SystemExit(0)  # preempted: the final checkpoint is durable (PreemptionGuard)
         if self.early_stopping is not None and self.early_stopping.restore_best and self.early_stopping.best_weights:
             # After a resume under FSDP / tensor parallelism the best weights are this rank's shards.
             self.model.load_state_dict(module_state_like(self.model, self.early_stopping.best_weights, per_rank=True))
@@ -198,7 +237,8 @@ class Trainer:
     def _run(self, schedule: VirtualEpochs) -> None:
         bar = _progress_bar(schedule.total_steps, self.step, self.progress)
         batches = self._batches()
-        loss_sum, loss_count, samples, epoch_start = 0.0, 0, 0, time.perf_counter()
+        progress = self._progress
+        samples, epoch_start = 0, time.perf_counter()
         try:
             self.model.train()
             while self.step < schedule.total_steps and not self.stop_training:
@@ -207,16 +247,18 @@ class Trainer:
                 batch = next(batches)
                 value = self._train_step(batch, schedule)
                 if math.isfinite(value):
-                    loss_sum += value
-                    loss_count += 1
-                self._progress.step += 1
+                    progress.epoch_loss_sum += value
+                    progress.epoch_loss_count += 1
+                progress.step += 1
                 samples += batch_size_of(batch)
                 bar.update(1)
                 if schedule.is_epoch_end(self.step):
                     seconds = time.perf_counter() - epoch_start
-                    record = self._end_epoch(schedule, loss_sum / max(loss_count, 1), samples / seconds, seconds)
+                    record = self._end_epoch(schedule, samples / seconds, seconds)
                     bar.set_postfix(loss=f"{record['train_loss']:.4g}", samples_s=f"{record['samples_per_s']:.0f}")
-                    loss_sum, loss_count, samples, epoch_start = 0.0, 0, 0, time.perf_counter()
+                    samples, epoch_start = 0, time.perf_counter()
+                if self._preemption is not None and self._preemption.stop_requested(self.step):
+                    break  # this step's checkpoint is durable; fit() exits with status 0
         finally:
             bar.close()
 
@@ -250,8 +292,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_start(self, epoch)
 
-    def _end_epoch(self, schedule: VirtualEpochs, train_loss: float, samples_per_s: float,
-                   seconds: float) -> dict[str, Any]:
+    def _end_epoch(self, schedule: VirtualEpochs, samples_per_s: float, seconds: float) -> dict[str, Any]:
+        progress = self._progress
+        train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
+        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0  # before this epoch's checkpoint
         record: dict[str, Any] = {"epoch": schedule.epoch_of(self.step) + 1, "step": self.step,
                                   "train_loss": train_loss, "val_loss": math.nan,
                                   "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s,
