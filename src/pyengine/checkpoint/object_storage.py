@@ -114,8 +114,11 @@ class ObjectStorage:
         if not any(o.name == f"{name}/{MANIFEST}" for o in objects):
             raise CheckpointError(f"{self.store.url_of(name)}/{MANIFEST} is missing: the step was never committed "
                                   "(or is being pruned)")
-        local = self._spool.new_directory(f"{name}.read-{uuid.uuid4().hex[:8]}", sum(o.bytes for o in objects))
-        pairs = [(o.name, local / o.name[len(name) + 1:]) for o in objects]
+        # Only names the format has: nothing else is read, and a key such as "step-N/../x" must
+        # not name a local path outside the copy.
+        wanted = [o for o in objects if _STEP_FILE.match(o.name[len(name) + 1:])]
+        local = self._spool.new_directory(f"{name}.read-{uuid.uuid4().hex[:8]}", sum(o.bytes for o in wanted))
+        pairs = [(o.name, local / o.name[len(name) + 1:]) for o in wanted]
         for _, path in pairs:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -277,6 +280,9 @@ class ObjectStorage:
 
 
 _MARKER = re.compile(rf"^step-(\d+)/{re.escape(MANIFEST)}$")
+# A step's files, relative to it: a world of one's, or those of a rank's part (sharded.py).
+_STEP_FILE = re.compile(rf"^(rank-\d{{5}}/step-\d{{8}}/)?"
+                        rf"({re.escape(MANIFEST)}|shard-\d{{5}}-of-\d{{5}}\.safetensors)$")
 
 
 def _step_name(step: int) -> str:
