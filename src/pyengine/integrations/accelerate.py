@@ -91,7 +91,7 @@ class AcceleratorCheckpointer:
 
     @property
     def directory(self) -> Path:
-        return self.checkpointer.directory
+        return Path(self.checkpointer.directory)  # a local directory: this wrapper opens it with Path()
 
     def state(self) -> dict[str, Any]:
         """The objects a save stores, by name (see the module's docstring)."""
