@@ -185,7 +185,7 @@ def fit_gp(
     x, y = x.to(torch.float64), y.to(torch.float64)  # float32 Cholesky fails on clustered points
     if prior_mean not in PRIOR_MEANS:
         raise ValueError(f"fit_gp: prior_mean={prior_mean!r} must be one of {PRIOR_MEANS}")
-    mean = float(y.max()) if prior_mean == "worst" and len(y) else 0.0
+    mean = constant_mean(prior_mean, y)
     starts = [KernelParams.default(x.shape[-1])]
     if warm_start is not None and warm_start.log_inv_sq_ls.shape == starts[0].log_inv_sq_ls.shape:
         starts.insert(0, warm_start)
@@ -198,6 +198,11 @@ def fit_gp(
         if math.isfinite(loss) and loss < best_loss:
             best_v, best_loss = v, loss
     return GaussianProcess(x, y, KernelParams.unflat(best_v), mean, deterministic)
+
+
+def constant_mean(prior_mean: str, y: torch.Tensor) -> float:
+    """The value of the constant prior mean `prior_mean` (see fit_gp) for targets `y`."""
+    return float(y.max()) if prior_mean == "worst" and len(y) else 0.0
 
 
 def sample_hyperparameters(
