@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint.local_spool import LocalSpool, remove_quietly
 from pyengine.checkpoint.manifest import MANIFEST
 from pyengine.checkpoint.object_store import ObjectInfo, S3Options, S3Store
@@ -48,7 +49,6 @@ from pyengine.checkpoint.step_reader import OpenStep, open_step
 from pyengine.checkpoint.writer_lease import LEASE_NAME, WriterLease
 from pyengine.errors import CheckpointError
 
-_STEP = re.compile(r"^step-(\d+)$")
 _SPOOL_LABEL = Path("spool")  # the save engine's temp paths live under this name; see _local()
 
 
@@ -147,12 +147,12 @@ class ObjectStorage:
         """Deletes what saves that never committed left: unfinished multipart uploads and the
         objects of steps without a marker. Only the lease holder may: they may be its own."""
         for name, upload_id in self.store.unfinished_uploads():
-            if _STEP.match(name.split("/", 1)[0]):
+            if ckdir.STEP_DIR.match(name.split("/", 1)[0]):
                 self.store.abort_upload(name, upload_id)
         by_step: dict[str, list[str]] = {}
         for o in self.store.list_objects():
             top = o.name.split("/", 1)[0]
-            if _STEP.match(top) and "/" in o.name:
+            if ckdir.STEP_DIR.match(top) and "/" in o.name:
                 by_step.setdefault(top, []).append(o.name)
         torn = sorted(top for top, names in by_step.items() if f"{top}/{MANIFEST}" not in names)
         if torn:
@@ -286,7 +286,7 @@ _STEP_FILE = re.compile(rf"^(rank-\d{{5}}/step-\d{{8}}/)?"
 
 
 def _step_name(step: int) -> str:
-    return f"step-{step:08d}"
+    return ckdir.step_dir(Path(), step).name  # the local layout's name, so both stores name steps alike
 
 
 def _step_of(tmp: Path) -> str:
