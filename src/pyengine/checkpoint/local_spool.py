@@ -78,7 +78,7 @@ def remove_quietly(path: Path) -> None:
 
 def _remove_all(paths: list[Path]) -> None:
     for p in paths:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_quietly(p)
 
 
 def _remove_dead_spools(base: Path, me: ProcessIdentity) -> None:
