@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from faulty_storage import inject
 
 import pyengine as pe
 from pyengine.checkpoint.storage import FileSystemStorage
@@ -144,9 +145,7 @@ class _StallingStorage(FileSystemStorage):
 
 
 def stall_saves(ckpt: pe.Checkpointer, after_step: int, seconds: float, say: Say) -> None:
-    storage = _StallingStorage(ckpt.directory, after_step, seconds, say)
-    ckpt._engine.storage = storage  # as tests/faulty_storage.inject does
-    ckpt._storage = storage
+    inject(ckpt, _StallingStorage(ckpt.directory, after_step, seconds, say))
 
 
 def final_state(run_dir: Path) -> tuple[int | None, dict]:
