@@ -36,6 +36,7 @@ WORKER = Path(__file__).with_name("preemption_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import preemption_runs as runs  # noqa: E402
 from killed_worker_runs import assert_identical  # noqa: E402
+from torchrun_launch import _JOB_VARIABLES  # noqa: E402
 
 MOMENTS = 20
 FULL_MOMENTS = os.environ.get("PYENGINE_PREEMPTION_MOMENTS")
@@ -46,8 +47,8 @@ GRACE_SECONDS = 30.0  # the default budget, which every run here uses but the "l
 
 def _env() -> dict[str, str]:
     # One intra-op thread: the same arithmetic in every run. No variable of an outer torchrun job.
-    job = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in job}, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**{k: v for k, v in os.environ.items() if k not in _JOB_VARIABLES}, "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
 
 
 # ------------------------------------------- the one-process runs (forked), started in the background
