@@ -209,11 +209,14 @@ class PreemptionGuard:
         # Runs between two bytecodes of the main thread: record, nothing more (see the module notes).
         self._note_arrival(signum)
 
-    def _note_arrival(self, signum: int) -> None:
+    def _note_arrival(self, signum: int) -> float:
         """Records the first signal; called by the handler and by the watchdog, which may see the
-        signal's wake-up byte first (a racing second call records nearly the same instant)."""
-        if self._arrival is None:
-            self._arrival = (signum, time.monotonic(), time.time())
+        signal's wake-up byte first (a racing second call records nearly the same instant).
+        Returns the first signal's monotonic arrival time."""
+        arrival = self._arrival
+        if arrival is None:
+            arrival = self._arrival = (signum, time.monotonic(), time.time())
+        return arrival[1]
 
     def _restore_signals(self) -> None:
         for signum, previous in self._previous_handlers.items():
@@ -334,10 +337,8 @@ class _Watchdog:
                 if signum not in self._guard.signals:
                     continue
                 signals_seen += 1
-                self._guard._note_arrival(signum)
-                arrival = self._guard._arrival
-                if arrival is not None:
-                    self.arm(arrival[1] + self._guard.grace_seconds)
+                arrived = self._guard._note_arrival(signum)
+                self.arm(arrived + self._guard.grace_seconds)
                 if signals_seen > 1:
                     os.write(2, f"pyengine: {_signal_name(signum)} again: ignored, the final checkpoint is being "
                                 "saved (its commit is atomic: nothing can be torn)\n".encode())
