@@ -295,8 +295,7 @@ class Checkpointer:
             self._closed = True
             self._guard.close()
             self._lock.release()
-            if isinstance(self._storage, ObjectStorage):
-                self._storage.close()
+            self._storage.close()
             _open_checkpointers.discard(self)
 
     def __del__(self) -> None:

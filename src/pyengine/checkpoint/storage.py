@@ -132,6 +132,10 @@ class FileSystemStorage:
         self.sync_dir(self.root)
         return moved
 
+    def close(self) -> None:
+        """Nothing to release here (the writer lock is the Checkpointer's); an object store
+        closes its client."""
+
     # ------------------------------------------------ the primitive operations (fault-injection points)
 
     def write_manifest(self, tmp: Path, data: bytes) -> None:
