@@ -13,13 +13,12 @@ DIR/final. A plain torch model keeps the start-up short (no transformers import)
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from killed_worker_runs import worker_arguments
 
 import pyengine as pe
 from pyengine.integrations.accelerate import AcceleratorCheckpointer
@@ -29,12 +28,7 @@ ACCUMULATION = 2
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--dir", required=True, type=Path)
-    parser.add_argument("--every", type=int, default=3)
-    parser.add_argument("--pause", type=float, default=0.0)
-    args = parser.parse_args()
+    args = worker_arguments().parse_args()
 
     torch.set_num_threads(1)  # the same arithmetic in every run
     set_seed(0)

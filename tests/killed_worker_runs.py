@@ -2,11 +2,12 @@
 
 A worker script trains on `data` into `--dir`, prints "resumed from step N" once it has
 restored (0 on a fresh start) and "step ..." after each step; `--pause` slows its steps so a
-kill can land anywhere in one.
+kill can land anywhere in one. It reads that command line with worker_arguments().
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import signal
@@ -29,6 +30,16 @@ def write_regression_data(path: Path) -> Path:
     y = (x @ rng.standard_normal((8, 1)) + 0.1 * rng.standard_normal((128, 1))).astype(np.float32)
     pe.data.write_dataset(path, {"x": x, "y": y})
     return path
+
+
+def worker_arguments() -> argparse.ArgumentParser:
+    """A worker's command line, as _command() gives it (`--every`: steps between checkpoints)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--every", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=0.0)
+    return parser
 
 
 def _command(worker: Path, run_dir: Path, data: Path, pause: float = 0.0) -> list[str]:

@@ -11,12 +11,11 @@ Prints "resumed from step N" when training starts, "step N" after every training
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from killed_worker_runs import worker_arguments
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import pyengine as pe
@@ -54,12 +53,8 @@ class Progress(Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--dir", required=True, type=Path)
+    parser = worker_arguments()
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--every", type=int, default=3)
-    parser.add_argument("--pause", type=float, default=0.0)
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the same arithmetic in every run
