@@ -38,6 +38,30 @@ def test_a_checkpointer_dropped_without_close_finishes_its_save_and_frees_the_di
         assert second.steps() == [1, 2]
 
 
+_EXIT_WITH_A_SAVE_IN_FLIGHT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch
+import pyengine as pe
+from faulty_storage import SlowStorage, inject
+ckpt = pe.Checkpointer(sys.argv[1], capture_rng=False)
+inject(ckpt, SlowStorage(ckpt.directory, seconds=1.0))  # still in flight when the script ends
+ckpt.save(1, {"weights": torch.arange(1 << 16, dtype=torch.float32)})
+print("saving")
+"""
+
+
+def test_a_save_in_flight_when_the_interpreter_exits_is_made_durable(tmp_path: Path) -> None:
+    # The commit thread is a daemon: without the exit hook (exit_saves.py) step 1 would never commit.
+    done = subprocess.run([sys.executable, "-c", _EXIT_WITH_A_SAVE_IN_FLIGHT, str(tmp_path / "ckpt"),
+                           str(Path(__file__).parent)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "saving"
+    with pe.Checkpointer(tmp_path / "ckpt", capture_rng=False) as ckpt:
+        assert ckpt.steps() == [1]
+        assert torch.equal(ckpt.load(1)["weights"], torch.arange(1 << 16, dtype=torch.float32))
+
+
 def test_an_overlapped_save_keeps_its_buffers_alive_after_the_caller_drops_them(tmp_path: Path) -> None:
     # overlap=True copies parameters in the background; the caller keeps no reference to them.
     model = torch.nn.Linear(512, 512)

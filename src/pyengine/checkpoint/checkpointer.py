@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import atexit
 import errno
 import numbers
 import os
 import sys
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pyengine.checkpoint import directory as ckdir
+from pyengine.checkpoint import exit_saves
 from pyengine.checkpoint.coordinator import coordinator_for_this_process
 from pyengine.checkpoint.object_storage import ObjectStorage, is_object_url
 from pyengine.checkpoint.overlap import OverlapGuard
@@ -107,7 +106,7 @@ class Checkpointer:
         self._guard = OverlapGuard()
         self._newest_step: int | None = None  # no save may take a step <= this one (see _check_step)
         self._closed = False
-        _open_checkpointers.add(self)
+        exit_saves.finish_at_exit(self, "close", "checkpoint")
 
     def _take_directory(self) -> str | None:
         """Creates DIR, takes its writer lock and removes torn saves; returns why this process
@@ -296,7 +295,7 @@ class Checkpointer:
             self._guard.close()
             self._lock.release()
             self._storage.close()
-            _open_checkpointers.discard(self)
+            exit_saves.forget(self)
 
     def __del__(self) -> None:
         # A Checkpointer dropped without close() still finishes its saves and frees its lock.
@@ -326,16 +325,3 @@ _LOCKED = "locked"  # another process holds the writer lock
 def _check_state(state: Any) -> None:
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
         raise ValueError("state must be a mapping from names (str, not starting with '__') to objects")
-
-
-_open_checkpointers: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
-
-
-@atexit.register
-def _finish_saves_at_exit() -> None:
-    # A save in flight at a normal interpreter exit still becomes durable.
-    for ckpt in list(_open_checkpointers):
-        try:
-            ckpt.close()
-        except Exception as e:  # noqa: BLE001 - nothing can be raised at exit
-            print(f"pyengine: a checkpoint save failed at exit: {e}", file=sys.stderr)

@@ -38,7 +38,6 @@ save_last=True (a copy, swapped in atomically) has no such window. Local or moun
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import errno
 import fcntl
@@ -51,7 +50,6 @@ import sys
 import threading
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -68,6 +66,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from pyengine import durable
+from pyengine.checkpoint import exit_saves
 from pyengine.checkpoint.coordinator import LocalCoordinator
 from pyengine.checkpoint.rng import restore_rng_state
 from pyengine.checkpoint.save_engine import SaveEngine, SaveHandle
@@ -123,7 +122,7 @@ class PyEngineCheckpointIO(CheckpointIO):
         self._engine: Optional[SaveEngine] = None
         self._in_flight: list[SaveHandle] = []  # not yet reported
         self._claims: dict[Path, _DirectoryClaim] = {}
-        _open_plugins.add(self)
+        exit_saves.finish_at_exit(self, "teardown", "Lightning checkpoint")
 
     # ------------------------------------------------------------------------ CheckpointIO
 
@@ -240,19 +239,6 @@ class PyEngineCheckpointIO(CheckpointIO):
             except Exception as e:  # noqa: BLE001 - nothing can be raised from __del__
                 print(f"pyengine: a Lightning checkpoint save failed when its plugin was dropped: {e}",
                       file=sys.stderr)
-
-
-_open_plugins: weakref.WeakSet[PyEngineCheckpointIO] = weakref.WeakSet()
-
-
-@atexit.register
-def _finish_saves_at_exit() -> None:
-    # trainer.save_checkpoint() after fit() returns before the save is durable: finish it at exit.
-    for plugin in list(_open_plugins):
-        try:
-            plugin.teardown()
-        except Exception as e:  # noqa: BLE001 - nothing can be raised at exit
-            print(f"pyengine: a Lightning checkpoint save failed at exit: {e}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ what is stored
