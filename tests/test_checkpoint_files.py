@@ -84,6 +84,19 @@ def test_export_weights_of_a_missing_key_says_what_the_checkpoint_holds(tmp_path
     assert not (tmp_path / "w.safetensors").exists()
 
 
+def test_export_weights_of_a_step_never_saved_names_the_steps_there_are(tmp_path):
+    # It used to fail later, with a file-not-found inside the step that does not exist.
+    model, _ = _state()
+    with pe.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, {"model": model}).wait()
+        ckpt.save(2, {"model": model}).wait()
+    with pytest.raises(pe.CheckpointError, match=r"no committed step 5; it holds \[1, 2\]"):
+        pe.checkpoint.export_weights(tmp_path / "ckpt", tmp_path / "w.safetensors", step=5)
+    with pytest.raises(pe.CheckpointError, match="holds no committed checkpoint"):
+        pe.checkpoint.export_weights(tmp_path / "empty", tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists()
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_checksums_taken_during_the_copy_match_the_bytes_on_disk(tmp_path, overlap):
     # The copy into staging computes each tensor's CRC32C in the same pass (split between

@@ -16,6 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
+from pyengine.errors import CheckpointError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 LOCK_FILE = ".pyengine-writer.lock"
 
@@ -32,6 +34,23 @@ def committed_steps(root: Path) -> list[int]:
         return []
     steps = [int(m.group(1)) for m in map(STEP_DIR.match, names) if m and (root / m.group(0)).is_dir()]
     return sorted(steps)
+
+
+def committed_step_dir(root: Path, step: int | None) -> Path:
+    """The directory of committed `step` under `root` (the newest when None), or `root` itself
+    when it is a step directory (holds a manifest): what a reader given either path opens.
+
+    Raises:
+        CheckpointError: `root` holds no committed checkpoint, or none for `step`.
+    """
+    if (root / "manifest.json").exists():
+        return root
+    steps = committed_steps(root)
+    if not steps:
+        raise CheckpointError(f"{root} holds no committed checkpoint (no step-N directory): check the path, or save one first")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{root} has no committed step {step}; it holds {steps}")
+    return step_dir(root, steps[-1] if step is None else step)
 
 
 def remove_temp_dirs(root: Path) -> list[str]:

@@ -40,7 +40,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
     if is_object_url(checkpoint):
         source, opened = _open_in_object_store(str(checkpoint), step, storage_options)
     else:
-        step_path = _local_step(Path(checkpoint), step)
+        step_path = ckdir.committed_step_dir(Path(checkpoint), step)
         source, opened = str(step_path), open_step(step_path, rank=0, threads=4)  # a sharded step comes back whole
     if key not in opened.objects:
         raise CheckpointError(f"{source} has no {key!r}; it holds {sorted(opened.objects)}")
@@ -50,15 +50,6 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, *, key: str = "
     # "format": "pt" is what transformers' from_pretrained checks for in a safetensors file.
     metadata = {"format": "pt", "source": source, "step": str(opened.step)}
     return _write_safetensors(weights, Path(out_path), metadata)
-
-
-def _local_step(root: Path, step: int | None) -> Path:
-    if (root / "manifest.json").exists():
-        return root
-    steps = ckdir.committed_steps(root)
-    if not steps:
-        raise CheckpointError(f"{root} holds no committed checkpoint")
-    return ckdir.step_dir(root, steps[-1] if step is None else step)
 
 
 def _open_in_object_store(url: str, step: int | None,

@@ -66,7 +66,7 @@ def export_pretrained(checkpoint: Union[str, os.PathLike], out_dir: Union[str, o
     """
     module = unwrap_module(model)
     config_json = _config_json(_config_of(module, config))
-    step_path = _committed_step(Path(checkpoint), step)
+    step_path = ckdir.committed_step_dir(Path(checkpoint), step)
     opened = open_step(step_path, rank=0, threads=4)
     if key not in opened.objects:
         raise CheckpointError(f"{step_path} has no {key!r}; it holds {sorted(opened.objects)}. Pass the key the "
@@ -125,17 +125,6 @@ def _generation_config(module: torch.nn.Module) -> Optional[Any]:
     if callable(can_generate) and can_generate():
         return getattr(module, "generation_config", None)
     return None
-
-
-def _committed_step(root: Path, step: Optional[int]) -> Path:
-    if (root / "manifest.json").exists():
-        return root
-    steps = ckdir.committed_steps(root)
-    if not steps:
-        raise CheckpointError(f"{root} holds no committed checkpoint: save one before exporting")
-    if step is not None and step not in steps:
-        raise CheckpointError(f"{root} has no committed step {step}; it holds {steps}")
-    return ckdir.step_dir(root, steps[-1] if step is None else step)
 
 
 def _names_without_tied_copies(live: Mapping[str, Any], module: torch.nn.Module) -> list[str]:
