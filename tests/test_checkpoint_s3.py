@@ -203,6 +203,8 @@ def test_refused_credentials_and_a_missing_bucket_raise_clear_errors_without_sec
         ckpt.steps()
     with pytest.raises(pe.CheckpointError, match="cannot be written by this process") as refused:
         ckpt.save(1, {"model": small_model(1)[0]})
+    # repr lists nothing: with these credentials a listing raises, and a log line must not.
+    assert repr(ckpt) == f"Checkpointer({url.rstrip('/')!r}, keep_last={ckpt.keep_last})"
     ckpt.close()
     for message in (str(denied.value), str(refused.value), repr(ckpt._storage), repr(ckpt._storage.options)):
         assert "not-the-secret" not in message and server.secret not in message

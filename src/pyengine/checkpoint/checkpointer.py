@@ -316,6 +316,10 @@ class Checkpointer:
         self.close()
 
     def __repr__(self) -> str:
+        # A repr must not touch the network: a listing of object storage can hang or raise in
+        # a log line or a debugger. On S3, steps() says what is there.
+        if isinstance(self._storage, ObjectStorage):
+            return f"Checkpointer({str(self.directory)!r}, keep_last={self.keep_last})"
         return f"Checkpointer({str(self.directory)!r}, keep_last={self.keep_last}, steps={self.steps()})"
 
 
