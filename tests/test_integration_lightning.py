@@ -138,6 +138,10 @@ def test_a_value_that_cannot_be_stored_is_refused_by_its_key_and_nothing_saved_i
     refused = {**before["last.ckpt"], "extra": {"callback": lambda: None}}
     with pytest.raises(TypeError, match=r"checkpoint\['extra'\]\['callback'\]: it is a builtins.function"):
         plugin.save_checkpoint(refused, directory / "last.ckpt")  # over an existing checkpoint
+    in_a_list = {**before["last.ckpt"], "extra": {"hooks": [1, {"n": np.array(["a"])}]}}
+    where = r"checkpoint\['extra'\]\['hooks'\]\[1\]\['n'\]"
+    with pytest.raises(TypeError, match=where + ": it is a numpy array of dtype <U1"):
+        plugin.save_checkpoint(in_a_list, directory / "last.ckpt")
     plugin.teardown()
 
     after = _snapshot(directory)  # the same names (no temp dirs either), the same contents

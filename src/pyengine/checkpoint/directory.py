@@ -47,7 +47,8 @@ def committed_step_dir(root: Path, step: int | None) -> Path:
         return root
     steps = committed_steps(root)
     if not steps:
-        raise CheckpointError(f"{root} holds no committed checkpoint (no step-N directory): check the path, or save one first")
+        raise CheckpointError(f"{root} holds no committed checkpoint (no step-N directory): check the path, "
+                              "or save one first")
     if step is not None and step not in steps:
         raise CheckpointError(f"{root} has no committed step {step}; it holds {steps}")
     return step_dir(root, steps[-1] if step is None else step)

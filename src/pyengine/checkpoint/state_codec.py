@@ -57,6 +57,18 @@ def storage_ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+class UnstorableValueError(TypeError):
+    """A value pyengine cannot store without pickling. `path`: the keys and list indices that
+    lead to it from the saved state; `what`: what it is ("a mymod.Tokenizer")."""
+
+    def __init__(self, path: tuple[str | int, ...], what: str) -> None:
+        self.path, self.what = path, what
+        super().__init__(
+            f"cannot checkpoint {what} at {'/'.join(map(str, path))}: only tensors, numpy arrays (of numbers) and "
+            "JSON values (dict, list, tuple, str, int, float, bool, None) are stored, because pyengine never "
+            "pickles. Convert it, or keep it out of the saved state.")
+
+
 class StateEncoder:
     """Encodes one checkpoint's state; collects its tensors in `tensors`."""
 
@@ -65,7 +77,7 @@ class StateEncoder:
         self._names: set[str] = set()
         self._stable_ptrs: set[int] = set()
 
-    def encode(self, value: Any, path: tuple[str, ...], stable_ptrs: frozenset[int] = frozenset(),
+    def encode(self, value: Any, path: tuple[str | int, ...], stable_ptrs: frozenset[int] = frozenset(),
                all_stable: bool = False) -> Any:
         if isinstance(value, torch.Tensor):
             stable = all_stable or (value.numel() > 0 and storage_ptr(value) in stable_ptrs)
@@ -78,7 +90,7 @@ class StateEncoder:
             # Fast path for long runs of plain ints (Python's RNG state is 625 of them).
             if all(type(v) is int for v in value):
                 return {"__tuple__": list(value)} if isinstance(value, tuple) else list(value)
-            items = [self.encode(v, (*path, str(i)), stable_ptrs, all_stable) for i, v in enumerate(value)]
+            items = [self.encode(v, (*path, i), stable_ptrs, all_stable) for i, v in enumerate(value)]
             return {"__tuple__": items} if isinstance(value, tuple) else items
         if isinstance(value, float):
             return value if math.isfinite(value) else {"__float__": repr(value)}
@@ -88,12 +100,9 @@ class StateEncoder:
             return {"__numpy__": [value.dtype.str, self.encode(value.item(), path)]}
         if isinstance(value, torch.dtype):
             return {"__torch_dtype__": str(value).removeprefix("torch.")}
-        raise TypeError(
-            f"cannot checkpoint a value of type {type(value).__qualname__} at {'/'.join(path)}: only tensors, "
-            "numpy arrays and JSON values (dict, list, tuple, str, int, float, bool, None) are stored, because "
-            "pyengine never pickles. Convert it, or keep it out of the saved state.")
+        raise UnstorableValueError(path, f"a {type(value).__module__}.{type(value).__qualname__}")
 
-    def _encode_mapping(self, value: Mapping, path: tuple[str, ...], stable_ptrs: frozenset[int],
+    def _encode_mapping(self, value: Mapping, path: tuple[str | int, ...], stable_ptrs: frozenset[int],
                         all_stable: bool) -> Any:
         plain = all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value)) in MARKERS)
         if plain:
@@ -101,8 +110,8 @@ class StateEncoder:
         return {"__dict__": [[self.encode(k, (*path, "<key>")),
                               self.encode(v, (*path, str(k)), stable_ptrs, all_stable)] for k, v in value.items()]}
 
-    def _add(self, path: tuple[str, ...], tensor: torch.Tensor, stable: bool) -> str:
-        name = "/".join(path)
+    def _add(self, path: tuple[str | int, ...], tensor: torch.Tensor, stable: bool) -> str:
+        name = "/".join(map(str, path))
         if name in self._names:  # e.g. a key that itself contains "/"
             i = 1
             while f"{name}#{i}" in self._names:
@@ -113,9 +122,9 @@ class StateEncoder:
         return name
 
 
-def _tensor_of_ndarray(array: np.ndarray, path: tuple[str, ...]) -> torch.Tensor:
+def _tensor_of_ndarray(array: np.ndarray, path: tuple[str | int, ...]) -> torch.Tensor:
     if array.dtype.hasobject or array.dtype.kind in "USV":
-        raise TypeError(f"cannot checkpoint a numpy array of dtype {array.dtype} at {'/'.join(path)}")
+        raise UnstorableValueError(path, f"a numpy array of dtype {array.dtype}")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 

@@ -54,7 +54,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 
 try:
@@ -70,7 +69,7 @@ from pyengine.checkpoint import exit_saves
 from pyengine.checkpoint.coordinator import LocalCoordinator
 from pyengine.checkpoint.rng import restore_rng_state
 from pyengine.checkpoint.save_engine import SaveEngine, SaveHandle
-from pyengine.checkpoint.state_codec import decode, tensor_names
+from pyengine.checkpoint.state_codec import StateEncoder, UnstorableValueError, decode, tensor_names
 from pyengine.checkpoint.step_reader import open_step
 from pyengine.errors import CheckpointError
 
@@ -243,43 +242,30 @@ class PyEngineCheckpointIO(CheckpointIO):
 
 # ------------------------------------------------------------------------------ what is stored
 
-_PLAIN = (str, int, float, type(None), torch.dtype, np.generic)  # bool is an int; numpy's float64 a float
-
-
 def _check_storable(checkpoint: Mapping[str, Any]) -> None:
     """Refuses, before anything is written, a value pyengine cannot store without pickling,
-    naming where it is (checkpoint['hyper_parameters']['tokenizer'])."""
+    naming where it is (checkpoint['hyper_parameters']['tokenizer']). The rule is the encoder's
+    own: a dry run of it (it walks the values and records tensor names, copying nothing)."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"a Lightning checkpoint is a dict, got {type(checkpoint).__qualname__}")
     for key in checkpoint:
         if not isinstance(key, str) or key.startswith("__"):
             raise TypeError(f"cannot store checkpoint key {key!r}: top-level keys must be strings that do not "
                             "start with '__' (pyengine keeps those for itself); nothing was saved")
-    stack: list[tuple[Any, str]] = [(v, f"[{k!r}]") for k, v in checkpoint.items()]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, (torch.Tensor, *_PLAIN)):
-            continue
-        if isinstance(value, np.ndarray):
-            if value.dtype.hasobject or value.dtype.kind in "USV":
-                _refuse(where, f"a numpy array of dtype {value.dtype}")
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                stack.append((k, f"{where} (the key {k!r})"))
-                stack.append((v, f"{where}[{k!r}]"))
-        elif isinstance(value, (list, tuple)):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
-        else:
-            _refuse(where, f"a {type(value).__module__}.{type(value).__qualname__}")
+    try:
+        StateEncoder().encode(checkpoint, ())
+    except UnstorableValueError as e:
+        where = "".join(" (a key)" if part == "<key>" else f"[{part!r}]" for part in e.path)
+        raise _refusal(where, e.what) from None
 
 
-def _refuse(where: str, what: str) -> None:
+def _refusal(where: str, what: str) -> TypeError:
     if where.startswith("['hyper_parameters']"):
         hint = ("Keep the object out of the hyper-parameters (self.save_hyperparameters(ignore=[...])) or pass a "
                 "plain description of it (a name, its arguments).")
     else:
         hint = "Convert it to plain data in on_save_checkpoint (a state_dict, its arguments) or leave it out."
-    raise TypeError(f"cannot store checkpoint{where}: it is {what}. PyEngineCheckpointIO stores tensors, numpy arrays "
+    return TypeError(f"cannot store checkpoint{where}: it is {what}. PyEngineCheckpointIO stores tensors, numpy arrays "
                     "and plain values (dict, list, tuple, str, int, float, bool, None) and never pickles, so nothing "
                     f"was saved and the checkpoints already saved are untouched. {hint}")
 
