@@ -90,10 +90,21 @@ class WriterLock:
         self._path = root / LOCK_FILE
         self._fd: int | None = None
 
+    @classmethod
+    def on_directory(cls, directory: Path) -> WriterLock:
+        """A lock on the directory itself, for directories that are not ours to add a file to
+        (Lightning's checkpoint directory holds the user's files beside ours)."""
+        lock = cls(directory)
+        lock._path = directory
+        return lock
+
     def try_acquire(self) -> bool:
         if self._fd is not None:
             return True
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if self._path.name == LOCK_FILE:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        else:
+            fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

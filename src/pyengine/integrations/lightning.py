@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import functools
 import numbers
 import os
@@ -65,6 +64,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from pyengine import durable
+from pyengine.checkpoint import directory as ckdir
 from pyengine.checkpoint import exit_saves
 from pyengine.checkpoint.coordinator import LocalCoordinator
 from pyengine.checkpoint.rng import restore_rng_state
@@ -495,18 +495,16 @@ class _DirectoryClaim:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._fd: Optional[int] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
+        self._lock = ckdir.WriterLock.on_directory(directory)
+        if not self._lock.try_acquire():
             raise CheckpointError(f"another writer (a process, or another PyEngineCheckpointIO) is writing "
                                   f"checkpoints into {directory}: it holds the directory's lock. Give each run its "
-                                  "own checkpoint directory") from None
+                                  "own checkpoint directory")
+        try:
+            self._clean_up()
         except BaseException:
             self.release()
             raise
-        self._clean_up()
 
     def _clean_up(self) -> None:
         for name in os.listdir(self.directory):
@@ -521,6 +519,4 @@ class _DirectoryClaim:
         durable.fsync_dir(self.directory)
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
