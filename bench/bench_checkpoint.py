@@ -21,7 +21,6 @@ cache, the PROCESS daemon's start), as pe gets one.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -242,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats, --width and --dcp-writer-threads must be >= 1")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         r = run(args.params_millions, args.repeats, Path(tmp), args.width, args.dcp_writer_threads)
-    print(report(r))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2))
+    wl.print_and_save(report(r), r, args.json)
     return 0
 
 

@@ -25,7 +25,6 @@ all of them alike; the medians are reported. Each contender gets one untimed sav
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats and --width must be >= 1, --dcp-threads >= 2")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         r = run(args.params_millions, args.width, args.repeats, Path(tmp), args.dcp_threads)
-    print(report(r))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2))
+    wl.print_and_save(report(r), r, args.json)
     return 0
 
 

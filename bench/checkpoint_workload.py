@@ -3,6 +3,7 @@ baselines users would otherwise pick, each timed the same way."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -133,3 +134,11 @@ def train_step_seconds(model, opt, batch: torch.Tensor, before_step: Callable[[]
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
+
+
+def print_and_save(report: str, figures: dict[str, float], json_path: Path | None) -> None:
+    """A bench's end: its report printed, and its raw figures written to `json_path` when given."""
+    print(report)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=2))

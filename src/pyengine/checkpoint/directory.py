@@ -86,25 +86,19 @@ class WriterLock:
     The kernel drops it when the process dies, even by SIGKILL, so a crash never leaves
     a stale lock behind."""
 
-    def __init__(self, root: Path) -> None:
-        self._path = root / LOCK_FILE
+    def __init__(self, root: Path, *, on_directory: bool = False) -> None:
+        """`on_directory`: lock the directory itself instead of a lock file in it, for
+        directories that are not ours to add a file to (Lightning's holds the user's files)."""
+        if on_directory:
+            self._path, self._flags = root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        else:
+            self._path, self._flags = root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._fd: int | None = None
-
-    @classmethod
-    def on_directory(cls, directory: Path) -> WriterLock:
-        """A lock on the directory itself, for directories that are not ours to add a file to
-        (Lightning's checkpoint directory holds the user's files beside ours)."""
-        lock = cls(directory)
-        lock._path = directory
-        return lock
 
     def try_acquire(self) -> bool:
         if self._fd is not None:
             return True
-        if self._path.name == LOCK_FILE:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        else:
-            fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(self._path, self._flags, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

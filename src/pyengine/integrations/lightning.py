@@ -265,9 +265,9 @@ def _refusal(where: str, what: str) -> TypeError:
                 "plain description of it (a name, its arguments).")
     else:
         hint = "Convert it to plain data in on_save_checkpoint (a state_dict, its arguments) or leave it out."
-    return TypeError(f"cannot store checkpoint{where}: it is {what}. PyEngineCheckpointIO stores tensors, numpy arrays "
-                    "and plain values (dict, list, tuple, str, int, float, bool, None) and never pickles, so nothing "
-                    f"was saved and the checkpoints already saved are untouched. {hint}")
+    return TypeError(f"cannot store checkpoint{where}: it is {what}. PyEngineCheckpointIO stores tensors, numpy "
+                     "arrays and plain values (dict, list, tuple, str, int, float, bool, None) and never pickles, so "
+                     f"nothing was saved and the checkpoints already saved are untouched. {hint}")
 
 
 def _moved(checkpoint: dict[str, Any], map_location: Any) -> dict[str, Any]:
@@ -495,7 +495,7 @@ class _DirectoryClaim:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._lock = ckdir.WriterLock.on_directory(directory)
+        self._lock = ckdir.WriterLock(directory, on_directory=True)
         if not self._lock.try_acquire():
             raise CheckpointError(f"another writer (a process, or another PyEngineCheckpointIO) is writing "
                                   f"checkpoints into {directory}: it holds the directory's lock. Give each run its "
