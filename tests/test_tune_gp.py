@@ -11,6 +11,7 @@ import torch
 
 import pyengine as pe
 from pyengine.tune import acquisition
+from pyengine.tune import gp as gp_module
 from pyengine.tune.gp import NOISE_FLOOR, fit_gp
 from pyengine.tune.output_transform import robust_standardize
 from pyengine.tune.samplers import History
@@ -50,6 +51,26 @@ def test_deterministic_fixes_the_noise_at_the_floor():
     sampler = pe.tune.BayesSampler(deterministic=True)
     assert all(gp.noise == NOISE_FLOOR for gp in sampler.fit(space, history, torch.Generator().manual_seed(0)))
     assert space.key(sampler.suggest(space, history)) not in history.seen_keys
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_fits_closed_form_gradient_is_the_autograd_gradient_of_the_posterior(deterministic):
+    # The fit's L-BFGS follows gp._neg_log_posterior_and_grad; a wrong sign or factor in any
+    # of its terms (kernel, output scale, noise, priors) sends the fit elsewhere silently.
+    x, y = _smooth_data(n=30, dim=3, seed=4)
+    x = torch.cat([x, x[:2]])  # repeated points make the kernel matrix near singular
+    y = torch.cat([y, y[:2]])
+    sq_diff = gp_module.squared_differences(x, x)
+    g = torch.Generator().manual_seed(5)
+    settings = [fit_gp(x, y, deterministic=deterministic).params.flat()]
+    settings += [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4)]
+    for v in settings:
+        v_ad = v.clone().requires_grad_(True)
+        loss = gp_module._neg_log_posterior(v_ad, sq_diff, y, deterministic)
+        loss.backward()
+        closed_loss, closed_grad = gp_module._neg_log_posterior_and_grad(v, sq_diff, y, deterministic)
+        assert float(closed_loss) == pytest.approx(float(loss.detach()), rel=1e-10)
+        assert torch.allclose(closed_grad, v_ad.grad, rtol=1e-6, atol=1e-6 * float(v_ad.grad.abs().max()))
 
 
 def test_hyperparameter_draws_average_ei_over_several_models():

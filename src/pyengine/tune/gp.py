@@ -48,12 +48,28 @@ def robust_cholesky(k: torch.Tensor) -> torch.Tensor:
     raise GPFitError("kernel matrix is not positive definite even with jitter 1e-4; the inputs may contain NaN")
 
 
-def matern52(x1: torch.Tensor, x2: torch.Tensor, inv_sq_ls: torch.Tensor) -> torch.Tensor:
-    """Matérn-5/2 correlation between the rows of `x1` and `x2` with ARD weights `inv_sq_ls`."""
-    d2 = (((x1.unsqueeze(-2) - x2.unsqueeze(-3)) ** 2) * inv_sq_ls).sum(-1)
+def squared_differences(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """(x1_i - x2_j)^2 per coordinate, shape (n, m, d): what the kernel needs of the inputs."""
+    return (x1.unsqueeze(-2) - x2.unsqueeze(-3)) ** 2
+
+
+def matern52_from_squared_differences(sq_diff: torch.Tensor, inv_sq_ls: torch.Tensor) -> torch.Tensor:
+    """Matérn-5/2 correlation from `squared_differences` of two point sets, with ARD weights `inv_sq_ls`.
+
+    The fit evaluates the kernel on the same points for every hyperparameter setting, so it
+    computes the squared differences once and each evaluation is a matrix-vector product
+    (forward and backward), instead of three (n, n, d) elementwise passes each way: this
+    halved the cost of a likelihood gradient at 100 points in 6-D.
+    """
+    d2 = sq_diff @ inv_sq_ls
     # sqrt has an infinite derivative at 0; the clamp keeps gradients finite on the diagonal.
     r = torch.sqrt(5.0 * d2.clamp_min(1e-30))
     return (1.0 + r + r * r / 3.0) * torch.exp(-r)
+
+
+def matern52(x1: torch.Tensor, x2: torch.Tensor, inv_sq_ls: torch.Tensor) -> torch.Tensor:
+    """Matérn-5/2 correlation between the rows of `x1` and `x2` with ARD weights `inv_sq_ls`."""
+    return matern52_from_squared_differences(squared_differences(x1, x2), inv_sq_ls)
 
 
 @dataclass
@@ -91,19 +107,62 @@ def _clamp_(v: torch.Tensor) -> None:
     v[-1].clamp_(_LOG_NOISE_MIN, _LOG_BOUND)
 
 
-def _neg_log_posterior(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, deterministic: bool) -> torch.Tensor:
+def _neg_log_posterior(v: torch.Tensor, sq_diff: torch.Tensor, y: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    # sq_diff: squared_differences(x, x) of the training inputs x.
     p = KernelParams.unflat(v)
     t, scale = p.log_inv_sq_ls.exp(), p.log_scale.exp()
     noise = p.noise(deterministic)
-    k = scale * matern52(x, x, t) + noise * torch.eye(len(x), dtype=x.dtype)
+    n = len(y)
+    k = scale * matern52_from_squared_differences(sq_diff, t) + noise * torch.eye(n, dtype=y.dtype)
     chol = robust_cholesky(k)
     alpha = torch.cholesky_solve(y.unsqueeze(-1), chol).squeeze(-1)
-    mll = -0.5 * (y * alpha).sum() - chol.diagonal().log().sum() - 0.5 * len(x) * math.log(2 * math.pi)
+    mll = -0.5 * (y * alpha).sum() - chol.diagonal().log().sum() - 0.5 * n * math.log(2 * math.pi)
     # Gamma(a, b) log density up to a constant: (a - 1) log s - b s.
     prior = -(0.1 / t + 0.1 * t).sum() + p.log_scale - scale
     if not deterministic:
         prior = prior + 0.1 * torch.log(noise) - 30.0 * noise
     return -(mll + prior)
+
+
+def _neg_log_posterior_and_grad(
+    v: torch.Tensor, sq_diff: torch.Tensor, y: torch.Tensor, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_neg_log_posterior` and its gradient in `v`, in closed form.
+
+    The fit's L-BFGS spends nearly all its time here. Backpropagating through the Cholesky
+    factorisation took ~4/5 of each evaluation (about 4 ms at 100 points in 6-D); the textbook
+    gradient, d(-log p(y))/dK = (K^-1 - alpha alpha^T) / 2 pushed through the kernel by hand,
+    costs one extra triangular inverse and a matrix-vector product. `_neg_log_posterior`
+    stays the definition (and what the Hessian of `sample_hyperparameters` differentiates);
+    a test checks this against its autograd gradient.
+    """
+    p = KernelParams.unflat(v)
+    t, scale = p.log_inv_sq_ls.exp(), p.log_scale.exp()
+    noise = p.noise(deterministic)
+    n = len(y)
+    d2 = sq_diff @ t
+    r = torch.sqrt(5.0 * d2)
+    e = torch.exp(-r)
+    m = (1.0 + r + r * r / 3.0) * e
+    k = scale * m + noise * torch.eye(n, dtype=y.dtype)
+    chol = robust_cholesky(k)
+    alpha = torch.cholesky_solve(y.unsqueeze(-1), chol).squeeze(-1)
+    nll = 0.5 * (y * alpha).sum() + chol.diagonal().log().sum() + 0.5 * n * math.log(2 * math.pi)
+    prior = -(0.1 / t + 0.1 * t).sum() + p.log_scale - scale
+    if not deterministic:
+        prior = prior + 0.1 * torch.log(noise) - 30.0 * noise
+    g_k = 0.5 * (torch.cholesky_inverse(chol) - torch.outer(alpha, alpha))  # d nll / dK
+    # Matérn-5/2 in d2 = sum_k t_k (x_ik - x_jk)^2: dm/dd2 = -(5/6) (1 + r) e^-r, finite at r = 0.
+    g_d2 = (g_k * (scale * (-5.0 / 6.0)) * (1.0 + r) * e).reshape(-1)
+    grad = torch.empty_like(v)
+    grad[:-2] = (sq_diff.reshape(-1, len(t)).T @ g_d2) * t + 0.1 * t - 0.1 / t
+    grad[-2] = (g_k * m).sum() * scale + scale - 1.0
+    if deterministic:
+        grad[-1] = 0.0
+    else:
+        excess = p.log_noise.exp()
+        grad[-1] = (g_k.diagonal().sum() - 0.1 / noise + 30.0) * excess
+    return nll - prior, grad
 
 
 class GaussianProcess:
@@ -139,20 +198,20 @@ class GaussianProcess:
         return mean, var
 
 
-def _lbfgs(start: KernelParams, x: torch.Tensor, y: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, float]:
-    v = start.flat().clone().requires_grad_(True)
+def _lbfgs(
+    start: KernelParams, sq_diff: torch.Tensor, y: torch.Tensor, deterministic: bool
+) -> tuple[torch.Tensor, float]:
+    v = start.flat().clone()
     opt = torch.optim.LBFGS([v], lr=1.0, max_iter=100, tolerance_grad=1e-2, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = _neg_log_posterior(v, x, y, deterministic)
-        loss.backward()
+        loss, v.grad = _neg_log_posterior_and_grad(v, sq_diff, y, deterministic)
         return loss
 
-    opt.step(closure)
     with torch.no_grad():
+        opt.step(closure)
         _clamp_(v)
-        return v.detach().clone(), float(_neg_log_posterior(v, x, y, deterministic))
+        return v.clone(), float(_neg_log_posterior(v, sq_diff, y, deterministic))
 
 
 def fit_gp(
@@ -170,7 +229,7 @@ def fit_gp(
     alone drifts with the data and can stay in a poor mode (seen here on Hartmann6). Falls
     back to the default parameters when every run fails, so a suggestion is always possible.
     The gradient tolerance is loose (as Optuna's gtol=1e-2): the acquisition barely changes
-    past it, and the fit dominates the cost of a suggestion.
+    past it.
 
     Args:
         x: (n, d) float64 inputs in the unit cube.
@@ -190,9 +249,10 @@ def fit_gp(
     if warm_start is not None and warm_start.log_inv_sq_ls.shape == starts[0].log_inv_sq_ls.shape:
         starts.insert(0, warm_start)
     best_v, best_loss = starts[-1].flat(), math.inf
+    sq_diff = squared_differences(x, x)
     for start in starts:
         try:
-            v, loss = _lbfgs(start, x, y - mean, deterministic)
+            v, loss = _lbfgs(start, sq_diff, y - mean, deterministic)
         except GPFitError:
             continue
         if math.isfinite(loss) and loss < best_loss:
@@ -224,10 +284,13 @@ def sample_hyperparameters(
     Returns:
         Up to `n` posteriors on the same data and prior mean.
     """
+    if n <= 0:
+        return []  # no draws: skip the Hessian (a tenth of a suggestion's cost)
     v0 = gp.params.flat().detach()
     y = gp.y - gp.mean
     free = v0.numel() - (1 if gp.deterministic else 0)
-    f = lambda v: _neg_log_posterior(torch.cat([v, v0[free:]]), gp.x, y, gp.deterministic)  # noqa: E731
+    sq_diff = squared_differences(gp.x, gp.x)
+    f = lambda v: _neg_log_posterior(torch.cat([v, v0[free:]]), sq_diff, y, gp.deterministic)  # noqa: E731
     try:
         h = torch.autograd.functional.hessian(f, v0[:free].clone())
     except GPFitError:
