@@ -18,7 +18,7 @@ namespace {
 
 constexpr uint64_t kPage = 4096;
 
-struct Interrupted {};
+struct WaitInterrupted {};
 
 TEST(StagingPool, BlocksArePageAlignedRoundedUpAndZeroed) {
   StagingPool pool(0);
@@ -102,9 +102,9 @@ TEST(StagingPool, AnInterruptedWaitAcquiresNothing) {
   StagingPool::Block* held = pool.acquire(2 * kPage);
   int polls = 0;
   Poll poll = [&] {
-    if (++polls == 2) throw Interrupted{};
+    if (++polls == 2) throw WaitInterrupted{};
   };
-  EXPECT_THROW(pool.acquire(kPage, poll), Interrupted);
+  EXPECT_THROW(pool.acquire(kPage, poll), WaitInterrupted);
   EXPECT_EQ(polls, 2);
   EXPECT_EQ(pool.allocated_bytes(), 2 * kPage);
   pool.release(held);
