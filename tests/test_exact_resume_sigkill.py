@@ -5,16 +5,15 @@ with weights bit-identical to a run that was never interrupted: through the Trai
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked_script import ForkedScript  # tests/ is on sys.path under pytest
 
 import pyengine as pe
 
@@ -23,20 +22,16 @@ SCRIPTS = {
     "plain": (EXAMPLES / "plain_loop_exact_resume.py", ["--steps", "400", "--every", "25"]),
     "trainer": (EXAMPLES / "trainer_exact_resume.py", ["--epochs", "16", "--stop-point", "3.125"]),
 }
-# Both runs checkpoint every 25 steps, 400 steps in all: the kills below consume at most 8
-# checkpoints, so every restart, and the last, resumes part way.
-CHECKPOINTS = 16
+# Both runs checkpoint every 25 steps, 400 steps in all (16 checkpoints): the kills below
+# consume at most 8, so every restart, and the last, resumes part way.
 KILLS = 4
 
 
-def _env():
-    # One intra-op thread in every run: the same arithmetic in the reference and the resumed run.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _command(kind, run_dir, data):
+def _start(kind, run_dir, data, cwd):
+    # Forked with torch imported, as `python SCRIPT ARGS` with one intra-op thread: the same
+    # arithmetic in the reference and the resumed runs, and 12 starts without 12 imports.
     script, args = SCRIPTS[kind]
-    return [sys.executable, str(script), "--dir", str(run_dir), "--data", str(data), *args]
+    return ForkedScript(script, ["--dir", str(run_dir), "--data", str(data), *args], cwd)
 
 
 def _final_weights(run_dir):
@@ -57,35 +52,33 @@ def data(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain", "trainer"])
 def test_sigkilled_and_resumed_run_ends_bit_identical(kind, data, tmp_path):
-    subprocess.run(_command(kind, tmp_path / "reference", data), check=True, env=_env(), capture_output=True,
-                   timeout=600, cwd=tmp_path)
+    reference_run = _start(kind, tmp_path / "reference", data, tmp_path)
+    output = reference_run.read_all()
+    assert reference_run.wait() == 0, output
     ref_step, reference = _final_weights(tmp_path / "reference")
 
     rng = random.Random(f"{kind}-kills")
     run_dir = tmp_path / "killed"
     resumed_from = []
     for kill in range(KILLS):
-        child = subprocess.Popen(_command(kind, run_dir, data), env=_env(), stdout=subprocess.PIPE, text=True,
-                                 cwd=tmp_path)
+        child = _start(kind, run_dir, data, tmp_path)
         line = ""
         while not line.startswith("resumed from step"):  # printed once training starts
-            line = child.stdout.readline()
+            line = child.readline()
             assert line, "the run ended before training started"
         resumed_from.append(int(line.split()[-1]))
         # Kill after a random number of checkpoints plus a random part of the next interval,
         # always well before the run could finish. The first run reports two saves: the second
         # save() returns only once the first is durable, so later runs must resume past step 0.
         for _ in range(2 if kill == 0 else rng.randrange(0, 3)):
-            assert child.stdout.readline().startswith("step ")
+            assert child.readline().startswith("step ")
         time.sleep(rng.uniform(0.0, 0.05))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        child.stdout.close()
-        assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    final = subprocess.run(_command(kind, run_dir, data), env=_env(), capture_output=True, text=True, timeout=600,
-                           cwd=tmp_path)
-    assert final.returncode == 0, final.stderr
-    resumed_from.append(int(final.stdout.split("resumed from step")[1].split()[0]))
+        child.kill()
+        assert child.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    final = _start(kind, run_dir, data, tmp_path)
+    output = final.read_all()
+    assert final.wait() == 0, output
+    resumed_from.append(int(output.split("resumed from step")[1].split()[0]))
 
     step, weights = _final_weights(run_dir)
     assert step == ref_step
