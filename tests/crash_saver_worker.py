@@ -1,12 +1,9 @@
 """The process tests/test_checkpoint_crash.py SIGKILLs: it restores what it can from a local
 directory and saves forever.
 
-    save_loop(conn, directory)   (a multiprocessing "forkserver" process, so that each of the
-        24 processes the test starts is forked with torch already imported: a start costs
-        milliseconds instead of the ~3 s of CPU an import of torch takes) sends ("ready", 0)
-        once the Checkpointer is open, ("restored", step) after the restore, then saves steps
-        1, 2, ... with one save in flight: once save(N) returns, N-1 is durable, and it sends
-        ("durable", N-1).
+    save_loop(conn, directory)   (a child of tests/fork_server.py, so that each of the 24
+        processes the test starts is forked with torch already imported) runs
+        fork_server.save_forever on a Checkpointer over `directory`.
 
 make_state(step) is a pure function of the step, so the parent can check any checkpoint it finds.
 """
@@ -18,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fork_server import save_forever  # tests/ is on sys.path, in pytest and in its forked children
 
 import pyengine as pe
 
@@ -46,12 +44,4 @@ def empty_state() -> dict:
 def save_loop(conn: Any, directory: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    ck = pe.Checkpointer(directory, keep_last=KEEP_LAST, max_shards=3)
-    conn.send(("ready", 0))
-    state = empty_state()
-    step = ck.restore(state) or 0
-    conn.send(("restored", step))
-    while True:
-        step += 1
-        ck.save(step, make_state(step))
-        conn.send(("durable", step - 1))
+    save_forever(conn, pe.Checkpointer(directory, keep_last=KEEP_LAST, max_shards=3), empty_state, make_state)

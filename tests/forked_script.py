@@ -1,6 +1,6 @@
-"""Runs a script as `python SCRIPT ARGS...` would, in a process forked from a multiprocessing
-fork server that has imported torch and pyengine once: a start costs milliseconds instead of the
-~4 s an interpreter takes to import torch on a 2-core CI host. The script runs as __main__
+"""Runs a script as `python SCRIPT ARGS...` would, in a child of tests/fork_server.py (forked
+with torch and pyengine imported): a start costs milliseconds instead of the ~4 s an
+interpreter takes to import torch on a 2-core CI host. The script runs as __main__
 (runpy), from `cwd`, with one intra-op thread; its stdout comes back line by line.
 
     child = ForkedScript(script, args, cwd)
@@ -11,16 +11,14 @@ fork server that has imported torch and pyengine once: a start costs millisecond
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import runpy
 import sys
 from pathlib import Path
 from typing import Any
 
+import fork_server
 import torch
-
-PRELOAD = ["torch", "numpy", "pyengine"]
 
 
 class _LinesToConnection:
@@ -53,10 +51,7 @@ def _run(conn: Any, script: str, args: list[str], cwd: str) -> None:
 
 class ForkedScript:
     def __init__(self, script: Path, args: list[str], cwd: Path) -> None:
-        context = multiprocessing.get_context("forkserver")
-        # Only installed modules can be preloaded (the fork server does not get this process's
-        # sys.path); this module itself comes with each child's preparation data.
-        context.set_forkserver_preload(PRELOAD)
+        context = fork_server.context()
         self._conn, theirs = context.Pipe(duplex=False)
         self.process = context.Process(target=_run, args=(theirs, str(script), [str(a) for a in args], str(cwd)),
                                        daemon=True)

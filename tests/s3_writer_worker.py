@@ -2,10 +2,10 @@
 the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), as a user's
 job would find them.
 
-    save_loop(conn, url, env)   (a multiprocessing "forkserver" process, so that each of the
-        many processes the SIGKILL test starts is forked with torch already imported) restores
-        the newest step and saves forever. One save is in flight: once save(N) returns, N-1 is
-        committed, and it sends ("durable", N-1) on `conn`.
+    save_loop(conn, url, env)   (a child of tests/fork_server.py, so that each of the many
+        processes the SIGKILL test starts is forked with torch already imported) runs
+        fork_server.save_forever on a Checkpointer over URL: it restores the newest step and
+        saves forever, one save in flight, sending ("durable", N-1) once save(N) returns.
     python -m torch.distributed.run --nproc-per-node 2 tests/s3_writer_worker.py two-rank URL OUT
         trains a FullyShard model on 2 gloo ranks, saves its model and Adam state at step 3 to
         URL, and rank 0 writes the full state it saved to OUT/expected.pt
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fork_server import save_forever  # tests/ is on sys.path, in pytest, its forked children and torchrun
 
 import pyengine as pe
 
@@ -51,15 +52,7 @@ def open_checkpointer(url: str) -> pe.Checkpointer:
 def save_loop(conn: Any, url: str, env: dict[str, str]) -> None:
     os.environ.update(env)
     torch.set_num_threads(1)
-    ckpt = open_checkpointer(url)
-    conn.send(("ready", 0))
-    state = empty_state()
-    step = ckpt.restore(state) or 0
-    conn.send(("restored", step))
-    while True:
-        step += 1
-        ckpt.save(step, make_state(step))
-        conn.send(("durable", step - 1))
+    save_forever(conn, open_checkpointer(url), empty_state, make_state)
 
 
 def make_model() -> torch.nn.Module:

@@ -4,17 +4,15 @@ than one the killed process was told was durable."""
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
 import random
 import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import crash_saver_worker as worker
+import fork_server
 import numpy as np
 import pytest
 import torch
@@ -24,23 +22,6 @@ import pyengine as pe
 
 KILLS = 24
 SEED = 20240611
-
-
-def receive(conn: Any, child: Any) -> tuple:
-    # Guards against a hung child only; no assertion depends on how long anything takes.
-    if not conn.poll(120):
-        pytest.fail(f"the child said nothing for 120 s (alive: {child.is_alive()}, exit code {child.exitcode})")
-    return conn.recv()
-
-
-def drain(conn: Any) -> list[tuple]:
-    """Everything the killed child sent before it died."""
-    said = []
-    with contextlib.suppress(EOFError, OSError):
-        while True:
-            said.append(conn.recv())
-    conn.close()
-    return said
 
 
 def assert_state_equals(actual: dict, step: int) -> None:
@@ -78,11 +59,7 @@ def test_sigkill_at_random_moments_never_loses_or_tears_a_checkpoint(tmp_path: P
     last_step = 0
     restored_steps = []
     torn_saves = 0
-    # Forked from a server process that has imported torch once, so 24 starts cost milliseconds,
-    # not an import each. (Only installed modules can be preloaded: the fork server does not get
-    # this process's sys.path; the worker module itself comes with each child's preparation.)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "numpy", "pyengine"])
+    context = fork_server.context()  # 24 starts that cost milliseconds, not an import of torch each
     for kill in range(KILLS):
         ours, theirs = context.Pipe(duplex=False)
         child = context.Process(target=worker.save_loop, args=(theirs, str(directory)), daemon=True)
@@ -90,7 +67,7 @@ def test_sigkill_at_random_moments_never_loses_or_tears_a_checkpoint(tmp_path: P
         theirs.close()
         said: list[tuple] = []
         try:
-            said.append(receive(ours, child))
+            said.append(fork_server.receive(ours, child, timeout=120))
             assert said == [("ready", 0)], said
             if rng.random() < 0.25:
                 # Anywhere in the restore, or soon after it.
@@ -101,16 +78,16 @@ def test_sigkill_at_random_moments_never_loses_or_tears_a_checkpoint(tmp_path: P
                 # than any fixed delay, and kills that all land in it would test only the restore.
                 need = rng.randrange(0, 3)
                 while said[-1][0] != "restored":
-                    said.append(receive(ours, child))
+                    said.append(fork_server.receive(ours, child, timeout=120))
                 while sum(what == "durable" for what, _ in said) < need:
-                    said.append(receive(ours, child))
+                    said.append(fork_server.receive(ours, child, timeout=120))
                 delay = rng.uniform(0.0, 0.1)
             time.sleep(delay)
         finally:
             child.kill()
             child.join()
         assert child.exitcode == -signal.SIGKILL, f"child ended with exit code {child.exitcode}"
-        said += drain(ours)
+        said += fork_server.drain(ours)
 
         context_text = f"kill {kill}, {delay:.3f}s after its last message; the child said {said!r}"
         restored = [n for what, n in said if what == "restored"]

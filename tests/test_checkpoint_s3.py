@@ -6,9 +6,7 @@ a TCP proxy that breaks real requests, from killing real processes, and from the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
 import random
 import signal
 import sys
@@ -17,7 +15,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ import pyengine as pe
 from pyengine.checkpoint.object_storage import LEASE_NAME, ObjectStorage
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fork_server  # noqa: E402
 import s3_writer_worker as worker  # noqa: E402
 from s3_server import FlakyProxy, SeaweedServer, find_weed  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402
@@ -253,10 +251,7 @@ def test_a_damaged_newest_step_falls_back_and_is_moved_aside(server: SeaweedServ
 def test_a_writer_sigkilled_at_random_moments_leaves_only_verified_steps(server: SeaweedServer, url: str) -> None:
     rng = random.Random(20261201)
     kills, mid_upload = 6, 0
-    # Forked from a server process that has imported torch once: a start costs milliseconds. (Only
-    # installed modules can be preloaded: the fork server does not get this process's sys.path.)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "numpy", "pyengine", "boto3", "botocore.session", "s3transfer.manager"])
+    context = fork_server.context()  # a start costs milliseconds, not an import of torch and boto3
     last_step, restored = 0, []
     for kill in range(kills):
         ours, theirs = context.Pipe(duplex=False)
@@ -265,7 +260,7 @@ def test_a_writer_sigkilled_at_random_moments_leaves_only_verified_steps(server:
         theirs.close()
         said: list[tuple] = []
         try:
-            assert receive(ours, child) == ("ready", 0)
+            assert fork_server.receive(ours, child) == ("ready", 0)
             if kill % 3 == 2:  # anywhere, the restore included
                 delay = rng.uniform(0.1, 1.0)
             else:
@@ -275,13 +270,13 @@ def test_a_writer_sigkilled_at_random_moments_leaves_only_verified_steps(server:
                 delay = rng.uniform(0.0, 0.5)
                 need = rng.choice([2, 3])
                 while sum(what == "durable" for what, _ in said) < need:
-                    said.append(receive(ours, child))
+                    said.append(fork_server.receive(ours, child))
             time.sleep(delay)
         finally:
             child.kill()
             child.join()
         assert child.exitcode == -signal.SIGKILL, child.exitcode
-        said += drain(ours)
+        said += fork_server.drain(ours)
         durable = [n for what, n in said if what == "durable"]
         if ("restored", last_step) not in said:
             assert not durable, said  # killed before its restore finished, then it saved nothing
@@ -297,22 +292,6 @@ def test_a_writer_sigkilled_at_random_moments_leaves_only_verified_steps(server:
         last_step = step
     assert last_step > worker.KEEP_LAST + 1, restored  # it really saved, and pruned (4 rounds of >= 1 new step)
     assert mid_upload > 0, restored  # some kills landed inside an upload
-
-
-def receive(conn: Any, child: Any) -> tuple:
-    if not conn.poll(60):
-        pytest.fail(f"the worker said nothing for 60 s (alive: {child.is_alive()}, exit code {child.exitcode})")
-    return conn.recv()
-
-
-def drain(conn: Any) -> list[tuple]:
-    """Everything the killed child sent before it died."""
-    said = []
-    with contextlib.suppress(EOFError, OSError):
-        while True:
-            said.append(conn.recv())
-    conn.close()
-    return said
 
 
 def verify_restore(server: SeaweedServer, url: str) -> int:
